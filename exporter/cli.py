@@ -1,0 +1,68 @@
+"""The `asynq-sidecar` command line: one subcommand per job, options from exporter.config.
+
+Each subcommand lives in its own module with a `run(values, args) -> int` function that is
+imported only when that subcommand runs, so `--help` and the launcher start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from exporter import __version__
+from exporter.config import GROUPS, SERVE_OPTIONS, ConfigError, add_options, resolve
+
+# command -> (module, help, option names)
+COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "serve": ("exporter.sidecar",
+              "Run the sidecar: /metrics, the lifecycle socket, the cleanup of dead workers.",
+              SERVE_OPTIONS),
+    "audit": ("exporter.audit",
+              "List every registration in Redis, live or expired, without changing anything. "
+              "Exit 0: nothing expired; 1: expired entries exist; 2: Redis cannot be read.",
+              GROUPS["redis"] + ("json", "log-level", "log-format")),
+    "emulate": ("exporter.emulator",
+                "Run an emulated Asynq server that registers in Redis exactly as asynq does "
+                "(for the demo and tests).",
+                GROUPS["redis"] + GROUPS["log"]),
+}
+
+#: The options of each command, for docs/configuration.md.
+COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {name: spec[2] for name, spec in COMMANDS.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asynq-sidecar",
+        description="Observability sidecar and Prometheus exporter for Asynq workers.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text, options) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_options(p, options)
+        extra = getattr(importlib.import_module(module), "add_arguments", None) if name in _EXTRA_ARGS else None
+        if extra:
+            extra(p)
+    return parser
+
+
+# Commands whose modules add arguments beyond the option table (positional CMD, etc.).
+_EXTRA_ARGS: set[str] = {"emulate"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module, _, options = COMMANDS[args.command]
+    try:
+        values = resolve(args, options)
+    except ConfigError as e:
+        parser.error(str(e))  # exits 2 with the usage line
+    return importlib.import_module(module).run(values, args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

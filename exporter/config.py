@@ -1,0 +1,415 @@
+"""Every option of every command, in one table, and the frozen configs built from it.
+
+Each option has a flag and an `ASYNQ_SIDECAR_*` environment variable (the flag wins).
+A value is validated once, here; a bad one is reported with the flag or variable, the value
+and what is accepted, and the command exits 2. docs/configuration.md is generated from this
+table (`python -m exporter.config --markdown`) and a test keeps the two in sync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+ENV_PREFIX = "ASYNQ_SIDECAR_"
+
+
+class ConfigError(ValueError):
+    """A value that is not accepted; the message says what is accepted."""
+
+
+# ---------------------------------------------------------------- value parsers
+
+
+def parse_redis_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("expected a URL with scheme redis://, rediss:// or unix://")
+    if parts.scheme == "unix" and not parts.path:
+        raise ConfigError("a unix:// URL needs a socket path, e.g. unix:///run/redis.sock")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError("expected a host, e.g. redis://redis:6379/0")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ConfigError("the port is not a number from 1 to 65535") from None
+    return text
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise ConfigError("expected HOST:PORT, e.g. 0.0.0.0:10050 or [::]:10050")
+    host = host.strip("[]")
+    if host:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if host != "localhost":
+                raise ConfigError("expected an IP address or localhost as HOST") from None
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError("expected a port from 0 to 65535 (0 picks a free one)")
+    return host or "0.0.0.0", int(port_text)
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError("expected a number of seconds, e.g. 5 or 0.5") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise ConfigError("expected a number of seconds greater than 0")
+    return value
+
+
+def seconds_or_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError("expected a number of seconds (0 turns it off)") from None
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError("expected a number of seconds, 0 or more")
+    return value
+
+
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ConfigError("expected a whole number of 1 or more")
+    return int(text)
+
+
+def file_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ConfigError("expected an octal file mode, e.g. 0660") from None
+    if not 0 <= mode <= 0o777:
+        raise ConfigError("expected an octal file mode from 0000 to 0777")
+    return mode
+
+
+def nonempty(text: str) -> str:
+    if not text.strip():
+        raise ConfigError("must not be empty")
+    return text
+
+
+def readable_file(text: str) -> str:
+    try:
+        with open(text, encoding="utf-8") as f:
+            f.read(1)
+    except OSError as e:
+        raise ConfigError(f"cannot read it: {e.strerror or e}") from None
+    return text
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ConfigError("expected one of " + ", ".join(choices))
+        return text
+
+    parse.choices = choices  # type: ignore[attr-defined]
+    return parse
+
+
+def boolean(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError("expected true or false (1/0, yes/no, on/off)")
+
+
+# ---------------------------------------------------------------- the option table
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the flag without its dashes
+    parse: Callable[[str], Any]
+    default: Any  # a value, or a callable returning one (computed when resolved)
+    help: str
+    metavar: str = "VALUE"
+    switch: bool = False  # a flag that takes no value (store_true)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper().replace("-", "_")
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+
+def _hostname() -> str:
+    return socket.gethostname()
+
+
+OPTIONS: dict[str, Option] = {
+    o.name: o
+    for o in [
+        # Redis
+        Option("redis-url", parse_redis_url, "redis://127.0.0.1:6379/0",
+               "Redis of the Asynq deployment (redis://, rediss:// or unix://). A password may be "
+               "in the URL; it is never printed.", "URL"),
+        Option("redis-password-file", readable_file, None,
+               "Read the Redis password from this file (overrides one in the URL). Keeps it out of "
+               "argv and the environment.", "PATH"),
+        Option("redis-timeout", positive_seconds, 2.0,
+               "Timeout of one Redis operation, in seconds.", "SECONDS"),
+        # HTTP
+        Option("listen", parse_listen, ("0.0.0.0", 10050),
+               "Address of the HTTP server (/metrics, /healthz, /readyz).", "HOST:PORT"),
+        # lifecycle socket
+        Option("socket", nonempty, "/run/asynq-sidecar/lifecycle.sock",
+               "Unix socket on which workers and launchers report their lifecycle.", "PATH"),
+        Option("socket-mode", file_mode, 0o660,
+               "File mode of the lifecycle socket (octal).", "MODE"),
+        Option("max-connections", positive_int, 64,
+               "Most lifecycle connections open at once; more are refused.", "N"),
+        Option("hello-timeout", positive_seconds, 10.0,
+               "Close a lifecycle connection that sends no hello within this many seconds.", "SECONDS"),
+        # identity and timing
+        Option("hostname", nonempty, _hostname,
+               "Host name that the worker registers under (os.Hostname() of the worker; in "
+               "Kubernetes the pod name). Default: this machine's host name.", "NAME"),
+        Option("watch-interval", positive_seconds, 10.0,
+               "How often the full details of live servers (status, concurrency, active tasks) are "
+               "read from Redis.", "SECONDS"),
+        Option("poll-interval", positive_seconds, 1.0,
+               "How often the registration of each watched worker is checked (O(1) commands).",
+               "SECONDS"),
+        Option("shutdown-budget", positive_seconds, 25.0,
+               "The time a shutdown should fit in (a 30 s pod grace period minus a margin).",
+               "SECONDS"),
+        # cleanup
+        Option("cleanup", one_of("on", "off", "dry-run"), "on",
+               "Remove a dead worker's registration: on, off, or dry-run (log and count only).",
+               "MODE"),
+        Option("settle", positive_seconds, 6.0,
+               "After a lost connection, wait this long (more than one 5 s heartbeat) and remove "
+               "the registration only if no heartbeat moved it.", "SECONDS"),
+        Option("sweep-interval", seconds_or_zero, 0.0,
+               "Run a fleet sweep every this many seconds (0: off).", "SECONDS"),
+        Option("grace", seconds_or_zero, 60.0,
+               "Sweep only registrations expired for longer than this many seconds.", "SECONDS"),
+        Option("dry-run", boolean, False, "Report what would be removed; change nothing.",
+               switch=True),
+        Option("json", boolean, False, "Print machine-readable JSON.", switch=True),
+        # logging
+        Option("log-level", one_of("debug", "info", "warning", "error"), "info",
+               "Least severe log level printed.", "LEVEL"),
+        Option("log-format", one_of("text", "json"), "text",
+               "Log line format.", "FORMAT"),
+    ]
+}
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "redis": ("redis-url", "redis-password-file", "redis-timeout"),
+    "http": ("listen",),
+    "socket": ("socket", "socket-mode", "max-connections", "hello-timeout"),
+    "worker": ("hostname", "watch-interval", "poll-interval", "shutdown-budget"),
+    "cleanup": ("cleanup", "settle", "sweep-interval", "grace"),
+    "log": ("log-level", "log-format"),
+}
+SERVE_OPTIONS = GROUPS["redis"] + GROUPS["http"] + GROUPS["socket"] + GROUPS["worker"] + GROUPS["cleanup"] + GROUPS["log"]
+
+
+def add_options(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """Add the named options to an argparse parser; values are validated by `resolve`."""
+    for name in names:
+        opt = OPTIONS[name]
+        shown = "this host's name" if opt.default is _hostname else _show(opt.default)
+        help_text = f"{opt.help} [env {opt.env}; default {shown}]"
+        if opt.switch:
+            parser.add_argument(opt.flag, dest=opt.dest, action="store_const", const="true",
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(opt.flag, dest=opt.dest, metavar=opt.metavar, default=None,
+                                help=help_text)
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, tuple) and len(value) == 2:
+        return f"{value[0]}:{value[1]}"
+    if isinstance(value, bool):
+        return "false" if not value else "true"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0o100 and value < 0o1000:
+        return f"0{value:o}"
+    return str(value)
+
+
+def resolve(ns: argparse.Namespace, names: Sequence[str], environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Turn parsed flags plus environment into validated values, keyed by dest.
+
+    Raises ConfigError with a message naming the flag or variable, the value and what is
+    accepted.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name in names:
+        opt = OPTIONS[name]
+        raw = getattr(ns, opt.dest, None)
+        source = opt.flag
+        if raw is None and opt.env in environ:
+            raw, source = environ[opt.env], opt.env
+        if raw is None:
+            values[opt.dest] = opt.default() if callable(opt.default) else opt.default
+            continue
+        try:
+            values[opt.dest] = opt.parse(raw)
+        except ConfigError as e:
+            shown = raw if len(raw) <= 200 else raw[:200] + "..."
+            raise ConfigError(f"{source}: invalid value {shown!r}: {e}") from None
+    return values
+
+
+# ---------------------------------------------------------------- typed configs
+
+
+def _mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = field(repr=False)
+    password: str | None = field(default=None, repr=False)
+    timeout: float = 2.0
+
+    @property
+    def display_url(self) -> str:
+        """The URL with any password replaced by ***: the only form that is ever logged."""
+        return _mask_url(self.url)
+
+    def __repr__(self) -> str:  # never show a secret
+        return f"RedisConfig(url={self.display_url!r}, password={'***' if self.password else None}, timeout={self.timeout})"
+
+    @classmethod
+    def from_values(cls, v: Mapping[str, Any]) -> RedisConfig:
+        password = None
+        if v.get("redis_password_file"):
+            with open(v["redis_password_file"], encoding="utf-8") as f:
+                password = f.read().strip("\r\n")
+        return cls(url=v["redis_url"], password=password, timeout=v["redis_timeout"])
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "text"
+
+    @classmethod
+    def from_values(cls, v: Mapping[str, Any]) -> LogConfig:
+        return cls(level=v["log_level"], format=v["log_format"])
+
+
+@dataclass(frozen=True)
+class SocketConfig:
+    path: str = "/run/asynq-sidecar/lifecycle.sock"
+    mode: int = 0o660
+    max_connections: int = 64
+    hello_timeout: float = 10.0
+    max_line: int = 64 * 1024  # protocol v1: a line of at most 64 KiB
+
+    @classmethod
+    def from_values(cls, v: Mapping[str, Any]) -> SocketConfig:
+        return cls(path=v["socket"], mode=v["socket_mode"], max_connections=v["max_connections"],
+                   hello_timeout=v["hello_timeout"])
+
+
+@dataclass(frozen=True)
+class CleanupConfig:
+    mode: str = "on"  # on | off | dry-run
+    settle: float = 6.0
+    sweep_interval: float = 0.0
+    sweep_grace: float = 60.0
+
+    @classmethod
+    def from_values(cls, v: Mapping[str, Any]) -> CleanupConfig:
+        return cls(mode=v["cleanup"], settle=v["settle"], sweep_interval=v["sweep_interval"],
+                   sweep_grace=v["grace"])
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    redis: RedisConfig
+    listen: tuple[str, int]
+    socket: SocketConfig
+    log: LogConfig
+    cleanup: CleanupConfig
+    hostname: str
+    watch_interval: float = 10.0
+    poll_interval: float = 1.0
+    shutdown_budget: float = 25.0
+
+    @classmethod
+    def from_values(cls, v: Mapping[str, Any]) -> ServeConfig:
+        return cls(
+            redis=RedisConfig.from_values(v),
+            listen=v["listen"],
+            socket=SocketConfig.from_values(v),
+            log=LogConfig.from_values(v),
+            cleanup=CleanupConfig.from_values(v),
+            hostname=v["hostname"],
+            watch_interval=v["watch_interval"],
+            poll_interval=v["poll_interval"],
+            shutdown_budget=v["shutdown_budget"],
+        )
+
+
+# ---------------------------------------------------------------- docs
+
+
+def markdown(commands: Mapping[str, Sequence[str]]) -> str:
+    """docs/configuration.md: every option, its variable, default and meaning, per command."""
+    lines = [
+        "# Configuration",
+        "",
+        "<!-- Generated by `python -m exporter.config --markdown > docs/configuration.md`; "
+        "tests/test_config.py fails when it is out of date. -->",
+        "",
+        "Every flag has an environment variable; the flag wins when both are set. A bad value "
+        "stops the command with exit status 2 and a message naming the flag or variable, the "
+        "value and what is accepted.",
+        "",
+        "| flag | variable | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for opt in OPTIONS.values():
+        default = "this host's name" if opt.default is _hostname else _show(opt.default)
+        value = "" if opt.switch else f" {opt.metavar}"
+        lines.append(f"| `{opt.flag}{value}` | `{opt.env}` | `{default}` | {opt.help} |")
+    lines += ["", "## Options by command", ""]
+    for command, names in commands.items():
+        lines.append(f"- `asynq-sidecar {command}`: " + ", ".join(f"`--{n}`" for n in names))
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    if sys.argv[1:] == ["--markdown"]:
+        from exporter.cli import COMMAND_OPTIONS
+
+        sys.stdout.write(markdown(COMMAND_OPTIONS))
+    else:
+        sys.exit("usage: python -m exporter.config --markdown")

@@ -1,0 +1,164 @@
+"""`asynq-sidecar serve`: the composition root.
+
+Components are entered in dependency order on one AsyncExitStack and left in reverse:
+Redis client -> registry readers -> background tasks -> HTTP server. `Sidecar` is an async
+context manager so that `run --serve` can host it in the launcher's own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from contextlib import AsyncExitStack
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from exporter import __version__, logs
+from exporter.config import ServeConfig
+from exporter.health import REDIS_FAILURES, RedisHealth
+from exporter.http import build_app
+from exporter.lifecycle import Decision, Event, Tracker
+from exporter.metrics import RegistryCollector, new_registry
+from exporter.redisconn import connect
+from exporter.registry import DetailsWatcher, RegistryCounts
+
+log = logging.getLogger("exporter.sidecar")
+
+#: The whole of a shutdown (HTTP, tasks, Redis) must end within this many seconds.
+SHUTDOWN_DEADLINE = 5.0
+
+
+class Sink(Protocol):
+    """Acts on the tracker's decisions (metrics, cleanup). Called from the one event task;
+    must not block: anything slow is started as a task of its own."""
+
+    def handle(self, decision: Decision, now: float) -> None: ...
+
+
+class Sidecar:
+    """The running sidecar. `async with Sidecar(cfg) as sc:` serves until the block exits.
+
+    Lifecycle sources call `submit(event)`; one task applies events to the tracker in order
+    and passes each decision to every sink in `sinks`.
+    """
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.registry = new_registry()
+        self.health = RedisHealth(cfg.redis.display_url)
+        self._stack = AsyncExitStack()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.http_address: tuple[str, int] | None = None
+        self.tracker = Tracker(cfg.shutdown_budget)
+        self.sinks: list[Sink] = []
+        self._events: asyncio.Queue[tuple[Event, float]] = asyncio.Queue()
+        self._next_conn = 0
+
+    def new_conn_id(self) -> int:
+        """A fresh id for a lifecycle connection (socket or in-process launcher)."""
+        self._next_conn += 1
+        return self._next_conn
+
+    def submit(self, event: Event, at: float | None = None) -> None:
+        """Queue a lifecycle event, stamped with the time it was received."""
+        self._events.put_nowait((event, time.time() if at is None else at))
+
+    async def _apply_events(self) -> None:
+        while True:
+            event, at = await self._events.get()
+            for decision in self.tracker.apply(event, at):
+                for sink in self.sinks:
+                    try:
+                        sink.handle(decision, at)
+                    except Exception:  # a sink's bug must not stop tracking
+                        log.exception("sink %s failed on %s", type(sink).__name__, type(decision).__name__)
+
+    @property
+    def http_url(self) -> str:
+        assert self.http_address is not None
+        host, port = self.http_address
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}"
+
+    async def __aenter__(self) -> Sidecar:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        """Start a background task that the sidecar owns: cancelled and awaited on exit."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.append(task)
+        return task
+
+    async def _cancel_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def _start(self) -> None:
+        cfg = self.cfg
+        self.redis = connect(cfg.redis)
+        self._stack.push_async_callback(self.redis.aclose)
+
+        self.counts = RegistryCounts(self.redis, self.health)
+        self.watcher = DetailsWatcher(self.redis, self.health, cfg.watch_interval)
+        self.registry.register(RegistryCollector(self.counts, self.watcher, self.health))
+
+        self._stack.push_async_callback(self._cancel_tasks)
+        self.spawn(self.watcher.run(), "details-watcher")
+        self.spawn(self._apply_events(), "lifecycle-events")
+
+        app = build_app(self.registry, before_scrape=self.counts.refresh, redis_ready=self._redis_ready)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                               shutdown_timeout=1.0)
+        await runner.setup()
+        self._stack.push_async_callback(runner.cleanup)
+        host, port = cfg.listen
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        self.http_address = runner.addresses[0][:2]
+        log.info("asynq-sidecar %s serving %s/metrics (redis %s, host %s)", __version__,
+                 self.http_url, cfg.redis.display_url, cfg.hostname)
+
+    async def _redis_ready(self) -> bool:
+        try:
+            with self.health.op("ping"):
+                return bool(await self.redis.ping())
+        except REDIS_FAILURES:
+            return False
+
+
+async def serve_until_signalled(cfg: ServeConfig) -> int:
+    """Serve until SIGTERM or SIGINT; the handlers only set the stop event."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with Sidecar(cfg):
+        await stop.wait()
+        log.info("stopping")
+        started = time.monotonic()
+    log.info("stopped in %.3fs", time.monotonic() - started)
+    return 0
+
+
+def run(values: dict[str, Any], args: Any) -> int:
+    cfg = ServeConfig.from_values(values)
+    logs.setup(cfg.log.level, cfg.log.format)
+    try:
+        return asyncio.run(serve_until_signalled(cfg))
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        return 1

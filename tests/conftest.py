@@ -1,0 +1,85 @@
+"""Shared fixtures: a real redis-server on a private port, and a sidecar config factory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+
+import pytest
+import redis as redis_sync
+import redis.asyncio as redis_async
+
+from exporter.config import CleanupConfig, LogConfig, RedisConfig, ServeConfig, SocketConfig
+from exporter.redis_server import RedisServer
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_tool(name: str) -> str:
+    """Path of a command-line tool; skip without it, but fail under CI=true (CI installs it)."""
+    path = shutil.which(name)
+    if path:
+        return path
+    if IN_CI:
+        pytest.fail(f"{name} is not installed; scripts/setup.sh installs it under CI")
+    pytest.skip(f"{name} is not installed (scripts/setup.sh installs it where apt-get works)")
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """URL of the session's Redis, emptied before each test."""
+    if not redis_server.ping():  # a test that stopped it: bring it back
+        redis_server.start()
+    client = redis_sync.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def rdb(redis_url):
+    """A synchronous client of the test Redis, for arranging and checking state."""
+    client = redis_sync.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+async def ardb(redis_url):
+    client = redis_async.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def tmp_socket(tmp_path_factory) -> str:
+    # AF_UNIX paths are limited to ~107 bytes: keep it short.
+    d = tmp_path_factory.mktemp("s", numbered=True)
+    return str(d / "l.sock")
+
+
+@pytest.fixture
+def make_config(redis_url, tmp_socket):
+    def make(**overrides) -> ServeConfig:
+        values = dict(
+            redis=RedisConfig(url=redis_url, timeout=1.0),
+            listen=("127.0.0.1", 0),
+            socket=SocketConfig(path=tmp_socket),
+            log=LogConfig(level="debug"),
+            cleanup=CleanupConfig(),
+            hostname=socket.gethostname(),
+            watch_interval=0.2,
+            poll_interval=0.1,
+        )
+        values.update(overrides)
+        return ServeConfig(**values)
+
+    return make

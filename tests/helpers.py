@@ -1,0 +1,82 @@
+"""Small helpers shared by tests: deadline polling, scraping, and writing registrations."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter import asynq
+
+T = TypeVar("T")
+
+
+async def eventually(check: Callable[[], Awaitable[T] | T], timeout: float = 5.0,
+                     interval: float = 0.02, what: str = "condition") -> T:
+    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
+            result = await result  # type: ignore[misc]
+        if result:
+            return result  # type: ignore[return-value]
+        last = result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+        await asyncio.sleep(interval)
+
+
+def wait_until(check: Callable[[], T], timeout: float = 5.0, interval: float = 0.02,
+               what: str = "condition") -> T:
+    """Synchronous `eventually`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {result!r})")
+        time.sleep(interval)
+
+
+async def scrape(url: str, accept: str | None = None) -> str:
+    headers = {"Accept": accept} if accept else {}
+    async with aiohttp.ClientSession() as s, s.get(url + "/metrics", headers=headers) as r:
+        assert r.status == 200
+        return await r.text()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """{(sample name, sorted labels): value} of a Prometheus text exposition."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(text: str, name: str, **labels: str) -> float | None:
+    return samples(text).get((name, tuple(sorted(labels.items()))))
+
+
+def register_server(client, host: str, pid: int, server_id: str, expires_at: float, *,
+                    status: str = "active", concurrency: int = 10, active: int = 0,
+                    start_time: float | None = None, with_keys: bool = True) -> asynq.Member:
+    """Write a server's registration as asynq's heartbeat does (sync client), with any expiry."""
+    m = asynq.server_member(host, pid, server_id)
+    score = int(expires_at)
+    client.zadd(asynq.SERVERS, {m.key: score})
+    client.zadd(asynq.WORKERS, {m.sibling("workers").key: score})
+    if with_keys:
+        info = asynq.ServerInfo(host=host, pid=pid, server_id=server_id, concurrency=concurrency,
+                                queues={"default": 1}, status=status,
+                                start_time=start_time if start_time is not None else time.time(),
+                                active_worker_count=active)
+        client.set(m.key, asynq.encode_server_info(info), ex=10)
+    return m

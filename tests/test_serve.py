@@ -1,0 +1,148 @@
+"""`serve`: registry metrics against a real Redis, HTTP endpoints, Redis outages, clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import aiohttp
+import pytest
+
+from exporter.config import RedisConfig
+from exporter.redis_server import RedisServer, free_port
+from exporter.sidecar import Sidecar
+from tests.conftest import require_tool
+from tests.helpers import eventually, register_server, scrape, value, wait_until
+
+
+async def test_counts_and_details_match_what_is_registered(rdb, make_config):
+    now = time.time()
+    register_server(rdb, "a", 1, "s1", now + 10, status="active", concurrency=10, active=3)
+    register_server(rdb, "a", 2, "s2", now + 8, status="closed", concurrency=5, active=1)
+    register_server(rdb, "b", 1, "s3", now - 30, with_keys=False)  # leaked 30 s ago
+    register_server(rdb, "b", 2, "s4", now - 300, with_keys=False)  # leaked 5 min ago
+    rdb.zadd("asynq:schedulers", {"asynq:schedulers:{a:1:sch}": now + 20})
+    async with Sidecar(make_config()) as sc:
+        await eventually(lambda: sc.watcher.latest, what="a details read")
+        text = await scrape(sc.http_url)
+    assert value(text, "asynq_registry_entries", set="servers", state="live") == 2
+    assert value(text, "asynq_registry_entries", set="servers", state="expired") == 2
+    assert value(text, "asynq_registry_entries", set="workers", state="expired") == 2
+    assert value(text, "asynq_registry_entries", set="schedulers", state="live") == 1
+    assert value(text, "asynq_registry_entries", set="schedulers", state="expired") == 0
+    assert 300 <= value(text, "asynq_registry_oldest_expired_seconds", set="servers") < 305
+    assert value(text, "asynq_registry_oldest_expired_seconds", set="schedulers") == 0
+    assert value(text, "asynq_registry_servers", status="active") == 1
+    assert value(text, "asynq_registry_servers", status="closed") == 1
+    assert value(text, "asynq_registry_concurrency") == 15
+    assert value(text, "asynq_registry_active_tasks") == 4
+    assert 0 <= value(text, "asynq_registry_snapshot_age_seconds") < 5
+    assert value(text, "asynq_sidecar_redis_up") == 1
+    assert value(text, "asynq_sidecar_build_info", version=__import__("exporter").__version__) == 1
+
+
+async def test_undecodable_values_are_counted_and_skipped(rdb, make_config):
+    now = time.time()
+    register_server(rdb, "a", 1, "ok", now + 10, concurrency=4)
+    rdb.zadd("asynq:servers", {"garbage-member": now + 10, "asynq:servers:{a:2:bad}": now + 10})
+    rdb.set("asynq:servers:{a:2:bad}", b"\xff\xff\xff")
+    async with Sidecar(make_config()) as sc:
+        await eventually(lambda: sc.watcher.latest, what="a details read")
+        text = await scrape(sc.http_url)
+    assert value(text, "asynq_registry_concurrency") == 4
+    assert value(text, "asynq_sidecar_undecodable_values_total", kind="member") >= 1
+    assert value(text, "asynq_sidecar_undecodable_values_total", kind="server_info") >= 1
+
+
+async def test_output_passes_promtool_check_metrics_and_openmetrics_on_request(rdb, make_config):
+    promtool = require_tool("promtool")
+    register_server(rdb, "a", 1, "s1", time.time() + 10)
+    async with Sidecar(make_config()) as sc:
+        await eventually(lambda: sc.watcher.latest, what="a details read")
+        text = await scrape(sc.http_url)
+        om = await scrape(sc.http_url, accept="application/openmetrics-text; version=1.0.0")
+    lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stderr
+    assert om.rstrip().endswith("# EOF")
+
+
+async def test_redis_commands_per_scrape_do_not_grow_with_registrations(rdb, make_config):
+    async def commands_for_one_scrape(sc) -> int:
+        before = int(rdb.info("stats")["total_commands_processed"])
+        await scrape(sc.http_url)
+        return int(rdb.info("stats")["total_commands_processed"]) - before - 1  # less the INFO itself
+
+    now = time.time()
+    async with Sidecar(make_config(watch_interval=3600)) as sc:
+        await eventually(lambda: sc.watcher.latest, what="a details read")
+        small = await commands_for_one_scrape(sc)
+        pipe = rdb.pipeline()
+        for i in range(2000):
+            pipe.zadd("asynq:servers", {f"asynq:servers:{{h:{i}:x}}": now + (10 if i % 2 else -10)})
+        pipe.execute()
+        large = await commands_for_one_scrape(sc)
+    assert small == large == 9
+
+
+async def test_healthz_readyz_and_landing_page(make_config):
+    async with Sidecar(make_config()) as sc, aiohttp.ClientSession() as s:
+        async with s.get(sc.http_url + "/healthz") as r:
+            assert r.status == 200
+        async with s.get(sc.http_url + "/readyz") as r:
+            assert r.status == 200
+        async with s.get(sc.http_url + "/") as r:
+            page = await r.text()
+    assert 'href="metrics"' in page and 'href="readyz"' in page
+
+
+async def test_redis_down_at_start_then_up_keeps_serving_and_recovers(make_config, tmp_path):
+    port = free_port()
+    cfg = make_config(redis=RedisConfig(url=f"redis://127.0.0.1:{port}/0", timeout=0.3))
+    async with Sidecar(cfg) as sc, aiohttp.ClientSession() as s:
+        text = await scrape(sc.http_url)
+        assert value(text, "asynq_sidecar_redis_up") == 0
+        assert value(text, "asynq_sidecar_redis_errors_total") >= 1
+        assert value(text, "asynq_registry_entries", set="servers", state="live") is None  # no stale counts
+        async with s.get(sc.http_url + "/readyz") as r:
+            assert r.status == 503
+        async with s.get(sc.http_url + "/healthz") as r:
+            assert r.status == 200
+        with RedisServer(port=port):
+            async def recovered():
+                t = await scrape(sc.http_url)
+                return value(t, "asynq_sidecar_redis_up") == 1 and t
+            text = await eventually(recovered, what="redis_up back to 1")
+            assert value(text, "asynq_registry_entries", set="servers", state="live") == 0
+            async with s.get(sc.http_url + "/readyz") as r:
+                assert r.status == 200
+
+
+def test_serve_process_stops_within_a_second_on_sigterm(redis_url, tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exporter", "serve", "--redis-url", redis_url,
+         "--listen", f"127.0.0.1:{port}", "--socket", str(tmp_path / "l.sock"), "--log-format", "json"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        import urllib.request
+
+        def up():
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=0.5).status == 200
+            except OSError:
+                return False
+
+        wait_until(up, timeout=10, what="serve to answer /healthz")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+        assert time.monotonic() - started < 1.0
+    finally:
+        proc.kill()
+        proc.wait()
+    stderr = proc.stderr.read()
+    assert '"message": "stopping"' in stderr

@@ -195,7 +195,10 @@ class Emulator:
         await self._beat_until(stop)
 
     async def shutdown(self) -> bool:
-        """Drain with status closed (beating on), then clear or leak. True when cleared."""
+        """Drain with status closed (beating on), then clear or leak. True when cleared.
+
+        asynq writes `closed` at its next timer beat; this beats at once so the status is seen.
+        """
         self.status = "closed"
         log.info("draining %d in-flight task(s) for %.3gs (status closed)", len(self.tasks), self.config.drain)
         await self._beat_logged()

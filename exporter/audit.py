@@ -1,0 +1,305 @@
+"""`asynq-sidecar audit`: a read-only report of every registration in asynq's three sorted sets.
+
+Unlike asynq's own listing (which runs ZREMRANGEBYSCORE), it deletes nothing: it reads with
+ZSCAN and pipelined GET/HLEN/LLEN only. Exit 0: nothing expired; 1: expired entries; 2: Redis unreadable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from exporter import asynq, logs
+from exporter.config import LogConfig, RedisConfig
+from exporter.health import REDIS_FAILURES
+from exporter.redisconn import connect
+
+log = logging.getLogger("exporter.audit")
+
+EXIT_CLEAN, EXIT_EXPIRED, EXIT_UNREADABLE = 0, 1, 2
+
+#: Members read per ZSCAN call and per pipeline of key reads.
+PAGE = 500
+
+
+@dataclass
+class Registration:
+    """One member of asynq:servers, asynq:workers or asynq:schedulers, and what its key holds."""
+
+    set: str  # servers | workers | schedulers
+    member: str
+    score: float  # expiry time, Unix seconds
+    state: str  # live | expired
+    seconds_until_expiry: float | None  # when live
+    seconds_since_expiry: float | None  # when expired
+    host: str | None = None
+    pid: int | None = None
+    id: str | None = None  # server id, or scheduler id
+    key_exists: bool | None = None  # the per-server key (STRING, HASH or LIST) still there
+    status: str | None = None  # ServerInfo.status (for a workers member: its server's)
+    active_tasks: int | None = None  # servers: active_worker_count; workers: HLEN
+    concurrency: int | None = None
+    queues: dict[str, int] | None = None
+    start_time: float | None = None
+    entries: int | None = None  # schedulers: LLEN of the entries list
+    problem: str | None = None  # why a member or value could not be decoded
+
+
+@dataclass
+class Report:
+    redis_url: str
+    time: float
+    registrations: list[Registration] = field(default_factory=list)
+    undecodable_members: int = 0
+    undecodable_values: int = 0
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out = {name: {"live": 0, "expired": 0} for name in asynq.SETS}
+        for reg in self.registrations:
+            out[reg.set][reg.state] += 1
+        return out
+
+    @property
+    def expired(self) -> int:
+        return sum(1 for reg in self.registrations if reg.state == "expired")
+
+    def exit_code(self) -> int:
+        return EXIT_EXPIRED if self.expired else EXIT_CLEAN
+
+    def to_json(self) -> dict[str, Any]:
+        summary: dict[str, Any] = dict(self.counts())
+        summary.update(expired=self.expired, undecodable_members=self.undecodable_members,
+                       undecodable_values=self.undecodable_values)
+        return {"redis_url": self.redis_url, "time": self.time,
+                "registrations": [asdict(reg) for reg in self.registrations], "summary": summary}
+
+
+# ---------------------------------------------------------------- reading (never writing)
+
+
+async def _scan_set(redis: Redis, key: str) -> dict[bytes, float]:
+    """Every member of a sorted set with its score. ZSCAN may repeat a member; the dict dedupes."""
+    members: dict[bytes, float] = {}
+    async for member, score in redis.zscan_iter(key, count=PAGE):
+        members[member] = float(score)
+    return members
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _apply_server_info(reg: Registration, value: Any, report: Report, own: bool) -> None:
+    """Fill status and friends from a GET of a server key (own=False: a workers member's server)."""
+    if isinstance(value, Exception):
+        if own:
+            reg.key_exists, reg.problem = True, f"cannot read server key: {value}"
+            report.undecodable_values += 1
+        return
+    if value is None:
+        if own:
+            reg.key_exists = False
+        return
+    try:
+        info = asynq.decode_server_info(value)
+    except asynq.UndecodableError as e:
+        if own:
+            reg.key_exists, reg.problem = True, str(e)
+            reg.status = "undecodable"
+            report.undecodable_values += 1
+        return
+    reg.status = info.status or "unknown"
+    if own:
+        reg.key_exists = True
+        reg.active_tasks = info.active_worker_count
+        reg.concurrency = info.concurrency
+        reg.queues = dict(info.queues)
+        reg.start_time = info.start_time
+
+
+def _apply_length(reg: Registration, value: Any, report: Report, counts: str) -> None:
+    if isinstance(value, Exception):
+        reg.problem = f"cannot read key: {value}"
+        report.undecodable_values += 1
+        return
+    reg.key_exists = bool(value)
+    setattr(reg, counts, int(value))
+
+
+async def _read_keys(redis: Redis, regs: Sequence[tuple[Registration, asynq.Member]], report: Report) -> None:
+    """One pipelined round trip of read-only commands for a page of registrations."""
+    pipe = redis.pipeline(transaction=False)
+    plan: list[tuple[Registration, str]] = []
+    for reg, member in regs:
+        if member.set == "servers":
+            pipe.get(member.key)
+            plan.append((reg, "server"))
+        elif member.set == "workers":
+            pipe.hlen(member.key)
+            plan.append((reg, "hlen"))
+            pipe.get(member.sibling("servers").key)
+            plan.append((reg, "sibling"))
+        else:
+            pipe.llen(member.key)
+            plan.append((reg, "llen"))
+    replies = await pipe.execute(raise_on_error=False)
+    for (reg, what), value in zip(plan, replies, strict=True):
+        if isinstance(value, Exception) and not isinstance(value, ResponseError):
+            raise value  # the connection failed, not one key: the audit cannot be trusted
+        if what == "server":
+            _apply_server_info(reg, value, report, own=True)
+        elif what == "sibling":
+            _apply_server_info(reg, value, report, own=False)
+        elif what == "hlen":
+            _apply_length(reg, value, report, "active_tasks")
+        else:
+            _apply_length(reg, value, report, "entries")
+
+
+async def read_report(redis: Redis, now: float, display_url: str = "") -> Report:
+    """Read every registration of the three sets, as of `now`. Only read commands are sent.
+
+    A member is live when its score (an expiry in whole seconds) is at or after `now`, as in
+    the exporter's `asynq_registry_entries`.
+    """
+    report = Report(redis_url=display_url, time=now)
+    for set_name, set_key in asynq.SETS.items():
+        members = await _scan_set(redis, set_key)
+        readable: list[tuple[Registration, asynq.Member]] = []
+        for raw, score in sorted(members.items(), key=lambda item: (item[1], item[0])):
+            live = score >= now
+            reg = Registration(
+                set=set_name, member=raw.decode("utf-8", "replace"), score=score,
+                state="live" if live else "expired",
+                seconds_until_expiry=score - now if live else None,
+                seconds_since_expiry=None if live else now - score,
+            )
+            report.registrations.append(reg)
+            try:
+                member = asynq.parse_member(raw)
+                if member.set != set_name:
+                    raise asynq.UndecodableError(f"a member of asynq:{member.set} in {set_key}")
+            except asynq.UndecodableError as e:
+                reg.problem = str(e)
+                report.undecodable_members += 1
+                continue
+            reg.host, reg.pid, reg.id = member.host, member.pid, member.ident
+            readable.append((reg, member))
+        for page in _chunks(readable, PAGE):
+            await _read_keys(redis, page, report)
+    return report
+
+
+# ---------------------------------------------------------------- printing
+
+
+def format_duration(seconds: float) -> str:
+    """7s, 2m05s, 3h04m, 5d02h: short and sortable by eye."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _printable(text: str, limit: int = 80) -> str:
+    """Text from Redis made safe for a terminal: control characters escaped, length bounded."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _row(reg: Registration) -> list[str]:
+    if reg.state == "live":
+        expiry = f"in {format_duration(reg.seconds_until_expiry or 0.0)}"
+    else:
+        expiry = f"{format_duration(reg.seconds_since_expiry or 0.0)} ago"
+    if reg.host is None:  # an undecodable member: show what it is
+        return [reg.set, "?", "?", _printable(reg.member, 60), "undecodable member", reg.state, expiry, "-"]
+    if reg.set == "schedulers":
+        status = "-" if reg.problem is None else "unreadable"
+        if reg.key_exists:
+            status = f"{reg.entries} entries"
+        elif reg.key_exists is False:
+            status = "(key expired)"
+    elif reg.status is not None:
+        status = reg.status
+    elif reg.problem is not None:
+        status = "unreadable"
+    elif reg.set == "servers" and reg.key_exists is False:
+        status = "(key expired)"
+    else:
+        status = "-"
+    tasks = "-" if reg.active_tasks is None else str(reg.active_tasks)
+    return [reg.set, _printable(reg.host), str(reg.pid), _printable(reg.id or ""), status, reg.state, expiry, tasks]
+
+
+def summary_line(report: Report) -> str:
+    parts = [f"{name}: {c['live']} live, {c['expired']} expired" for name, c in report.counts().items()]
+    line = "; ".join(parts)
+    if report.undecodable_members or report.undecodable_values:
+        line += (f"; undecodable: {report.undecodable_members} member(s), "
+                 f"{report.undecodable_values} value(s)")
+    return line
+
+
+def print_table(report: Report, out: TextIO) -> None:
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(report.time))
+    out.write(f"Registrations in {report.redis_url} at {when} (read-only; nothing was changed)\n\n")
+    if report.registrations:
+        header = ["SET", "HOST", "PID", "ID", "STATUS", "STATE", "EXPIRY", "TASKS"]
+        rows = [header] + [_row(reg) for reg in report.registrations]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        for row in rows:
+            out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n")
+        problems = [reg for reg in report.registrations if reg.problem]
+        if problems:
+            out.write("\nProblems:\n")
+            for reg in problems:
+                out.write(f"  {_printable(reg.member, 100)}: {_printable(reg.problem or '', 200)}\n")
+    else:
+        out.write("No registrations.\n")
+    out.write("\n" + summary_line(report) + "\n")
+
+
+# ---------------------------------------------------------------- command
+
+
+def run(values: dict[str, Any], args: argparse.Namespace) -> int:
+    log_cfg = LogConfig.from_values(values)
+    logs.setup(log_cfg.level, log_cfg.format)
+    redis_cfg = RedisConfig.from_values(values)
+    try:
+        report = asyncio.run(_read(redis_cfg))
+    except REDIS_FAILURES as e:
+        sys.stderr.write(f"asynq-sidecar audit: cannot read Redis at {redis_cfg.display_url}: "
+                         f"{type(e).__name__}: {e}\n")
+        return EXIT_UNREADABLE
+    if values.get("json"):
+        json.dump(report.to_json(), sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        print_table(report, sys.stdout)
+    return report.exit_code()
+
+
+async def _read(cfg: RedisConfig) -> Report:
+    redis = connect(cfg)
+    try:
+        return await read_report(redis, time.time(), cfg.display_url)
+    finally:
+        await redis.aclose()

@@ -19,6 +19,7 @@ from aiohttp import web
 from exporter import __version__, logs
 from exporter.config import ServeConfig
 from exporter.health import REDIS_FAILURES, RedisHealth
+from exporter.cleanup import Cleanup
 from exporter.http import build_app
 from exporter.lifecycle import Decision, Event, Tracker
 from exporter.metrics import RegistryCollector, new_registry
@@ -50,7 +51,7 @@ class Sidecar:
         self.registry = new_registry()
         self.health = RedisHealth(cfg.redis.display_url)
         self._stack = AsyncExitStack()
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.http_address: tuple[str, int] | None = None
         self.tracker = Tracker(cfg.shutdown_budget)
         self.sinks: list[Sink] = []
@@ -98,14 +99,15 @@ class Sidecar:
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         """Start a background task that the sidecar owns: cancelled and awaited on exit."""
         task = asyncio.create_task(coro, name=name)
-        self._tasks.append(task)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)  # finished tasks are not kept
         return task
 
     async def _cancel_tasks(self) -> None:
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _start(self) -> None:
         cfg = self.cfg
@@ -119,6 +121,13 @@ class Sidecar:
         self._stack.push_async_callback(self._cancel_tasks)
         self.spawn(self.watcher.run(), "details-watcher")
         self.spawn(self._apply_events(), "lifecycle-events")
+
+        self.cleanup = Cleanup(self.redis, self.health, cfg.cleanup, registry=self.registry,
+                               submit=self.submit, spawn=self.spawn, poll_interval=cfg.poll_interval,
+                               hostname=cfg.hostname)
+        self.sinks.append(self.cleanup)
+        self.spawn(self.cleanup.observe_forever(), "registration-observer")
+        self.spawn(self.cleanup.remove_host_orphans(), "host-orphans")
 
         app = build_app(self.registry, before_scrape=self.counts.refresh, redis_ready=self._redis_ready)
         runner = web.AppRunner(app, handle_signals=False, access_log=None,

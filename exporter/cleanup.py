@@ -1,0 +1,453 @@
+"""The safety net: find each watched worker's registration, and remove it when the worker dies.
+
+`RegistrationObserver` follows every live worker: it discovers the `asynq:servers` members the
+worker owns (ZSCAN MATCH `{host:pid:*}` until found, then O(1) ZSCORE/HLEN per tick), reports
+them to the tracker (a worker becomes running when its registration appears), and snapshots
+its in-flight task count. `Cleanup` (a sink) acts on `WorkerExited`: it removes what the dead
+worker still owns, exactly as asynq's ClearServerState would have, and never anything live:
+
+- every ZREM is a script on that one sorted set that removes the member only if its score has
+  not advanced past the score seen when the decision was made (a heartbeat since = alive);
+- after a lost connection (no exit report), it first waits `--settle` (> one 5 s heartbeat)
+  and proceeds only if the score did not move meanwhile;
+- scripts touch one key each, and the per-server STRING and HASH (one hash tag, one slot) are
+  deleted together only after their sorted-set members went: safe on Redis Cluster.
+
+A cleanup that cannot reach Redis stays pending and is retried with backoff until it succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.asyncio import Redis
+
+from exporter import asynq
+from exporter.config import CleanupConfig
+from exporter.health import REDIS_FAILURES, RedisHealth
+from exporter.lifecycle import Decision, RegistrationSeen, Worker, WorkerExited, WorkerStarted
+
+log = logging.getLogger("exporter.cleanup")
+
+#: A registration counts as the worker's when its ServerInfo.start_time is no earlier than the
+#: worker's start less this many seconds (the worker and the sidecar share a clock in a pod).
+OWNERSHIP_SKEW = 2.0
+
+#: Reasons of asynq_sidecar_registrations_removed_total.
+REASONS = ("worker_exit", "previous_incarnation", "sweep")
+
+# KEYS[1] = a sorted set, ARGV[1] = member, ARGV[2] = the score seen when deciding.
+# Returns 1 removed, 0 kept (the score advanced: a heartbeat since the decision), -1 absent.
+_ZREM_IF_NOT_ADVANCED = """
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not s then return -1 end
+if tonumber(s) > tonumber(ARGV[2]) then return 0 end
+return redis.call('ZREM', KEYS[1], ARGV[1])
+"""
+
+REMOVED, KEPT, ABSENT = 1, 0, -1
+
+#: Seconds between discovery scans once the quick first looks found nothing.
+DISCOVERY_BACKOFF = 10.0
+
+
+class CleanupMetrics:
+    """The cleanup's contract metrics, on an injected registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.leaked = Counter("asynq_sidecar_leaked_registrations",
+                              "Worker exits that left the worker's registration behind in Redis.",
+                              registry=registry)
+        self.removed = Counter("asynq_sidecar_registrations_removed",
+                               "Registrations removed by the sidecar, by reason.", ["reason"],
+                               registry=registry)
+        self.would_remove = Counter("asynq_sidecar_registrations_would_remove",
+                                    "Registrations that --cleanup dry-run would have removed, by reason.",
+                                    ["reason"], registry=registry)
+        self.errors = Counter("asynq_sidecar_cleanup_errors", "Failed cleanup attempts.",
+                              registry=registry)
+        self.pending = Gauge("asynq_sidecar_cleanups_pending",
+                             "Cleanups waiting for Redis (retried with backoff).", registry=registry)
+        self.abandoned = Counter("asynq_sidecar_abandoned_tasks",
+                                 "In-flight tasks of workers that exited uncleanly, left to asynq's "
+                                 "lease recovery.", registry=registry)
+        for reason in REASONS:
+            self.removed.labels(reason=reason)
+            self.would_remove.labels(reason=reason)
+
+
+@dataclass
+class Owned:
+    """A registration the worker owns, with the score last seen."""
+
+    member: asynq.Member
+    score: float | None = None
+
+
+@dataclass
+class Watch:
+    """What the observer knows about one live worker. Touched only by the event task (creation,
+    removal) and the observer (its fields): both run on the one event loop."""
+
+    worker: Worker
+    owned: dict[str, Owned] = field(default_factory=dict)  # member key -> Owned
+    in_flight: int = 0  # size of the workers hash at the last tick
+    reported: set[str] = field(default_factory=set)  # members already sent to the tracker
+    next_discovery: float = 0.0
+    discoveries: int = 0
+
+
+@dataclass(frozen=True)
+class RemovalResult:
+    removed: int  # servers members removed
+    kept_alive: int  # members whose score advanced since the decision
+
+
+class RegistrationStore:
+    """The Redis operations of ownership and cleanup; each is a few O(1)/O(log N) commands,
+    except discovery, which scans the servers set with a MATCH pattern."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._zrem_if = redis.register_script(_ZREM_IF_NOT_ADVANCED)
+
+    async def candidates(self, host: str, pid: int) -> dict[str, float]:
+        """Every asynq:servers member of `{host:pid:*}` with its score."""
+        found: dict[str, float] = {}
+        pattern = asynq.member_pattern("servers", host, pid)
+        async for raw, score in self.redis.zscan_iter(asynq.SERVERS, match=pattern, count=1000):
+            found[raw.decode() if isinstance(raw, bytes) else raw] = float(score)
+        return found
+
+    async def host_candidates(self, host: str) -> dict[str, float]:
+        """Every asynq:servers member of `{host:*}` with its score."""
+        found: dict[str, float] = {}
+        pattern = f"asynq:servers:{{{asynq.glob_escape(host)}:*}}"
+        async for raw, score in self.redis.zscan_iter(asynq.SERVERS, match=pattern, count=1000):
+            found[raw.decode() if isinstance(raw, bytes) else raw] = float(score)
+        return found
+
+    async def server_infos(self, members: list[asynq.Member]) -> list[bytes | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for m in members:
+            pipe.get(m.key)
+        return await pipe.execute()
+
+    async def tick(self, members: list[asynq.Member]) -> list[tuple[float | None, int]]:
+        """(score, in-flight task count) of each member: ZSCORE + HLEN, one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for m in members:
+            pipe.zscore(asynq.SERVERS, m.key)
+            pipe.hlen(m.sibling("workers").key)
+        replies = await pipe.execute()
+        return [(None if replies[i] is None else float(replies[i]), int(replies[i + 1]))
+                for i in range(0, len(replies), 2)]
+
+    async def scores(self, member: asynq.Member) -> tuple[float | None, float | None]:
+        """Scores of the server's member in asynq:servers and in asynq:workers."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zscore(asynq.SERVERS, member.key)
+        pipe.zscore(asynq.WORKERS, member.sibling("workers").key)
+        s, w = await pipe.execute()
+        return (None if s is None else float(s)), (None if w is None else float(w))
+
+    async def in_flight(self, member: asynq.Member) -> int:
+        return int(await self.redis.hlen(member.sibling("workers").key))
+
+    async def remove(self, member: asynq.Member, seen: tuple[float | None, float | None]) -> int:
+        """Mirror ClearServerState for one server, conditional on the scores seen.
+
+        Returns REMOVED when the servers member went, KEPT when a heartbeat moved it since the
+        decision (nothing is touched then), ABSENT when it was already gone.
+        """
+        servers_seen, workers_seen = seen
+        pipe = self.redis.pipeline(transaction=False)
+        if servers_seen is not None:
+            await self._zrem_if(keys=[asynq.SERVERS], args=[member.key, repr(servers_seen)], client=pipe)
+        if workers_seen is not None:
+            await self._zrem_if(keys=[asynq.WORKERS],
+                                args=[member.sibling("workers").key, repr(workers_seen)], client=pipe)
+        results = [int(r) for r in await pipe.execute()] if len(pipe) else []
+        if KEPT in results:
+            return KEPT
+        # Both members are gone (or were): the per-server keys go too. One hash tag: one slot.
+        await self.redis.delete(member.key, member.sibling("workers").key)
+        return REMOVED if servers_seen is not None and results and results[0] == REMOVED else ABSENT
+
+
+def _decode_member(key: str) -> asynq.Member | None:
+    try:
+        return asynq.parse_member(key)
+    except asynq.UndecodableError:
+        return None
+
+
+class Cleanup:
+    """Sink of lifecycle decisions + source of RegistrationSeen. See the module docstring."""
+
+    def __init__(self, redis: Redis, health: RedisHealth, cfg: CleanupConfig, *,
+                 registry: CollectorRegistry, submit: Callable[[Any], None],
+                 spawn: Callable[[Any, str], asyncio.Task[Any]], poll_interval: float = 1.0,
+                 hostname: str | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.store = RegistrationStore(redis)
+        self.health = health
+        self.cfg = cfg
+        self.metrics = CleanupMetrics(registry)
+        self._submit = submit
+        self._spawn = spawn
+        self.poll_interval = poll_interval
+        self.hostname = hostname
+        self._clock = clock
+        self.watches: dict[int, Watch] = {}
+        self._pending: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.done = asyncio.Event()  # set after every finished cleanup (tests wait on it)
+
+    # ------------------------------------------------------------ sink
+
+    def handle(self, decision: Decision, now: float) -> None:
+        if isinstance(decision, WorkerStarted):
+            w = decision.worker
+            watch = Watch(w)
+            if w.server_id:  # the worker told us: no discovery needed
+                m = asynq.server_member(w.host, w.pid, w.server_id)
+                watch.owned[m.key] = Owned(m)
+            self.watches[w.conn] = watch
+        elif isinstance(decision, WorkerExited):
+            watch = self.watches.pop(decision.worker.conn, None)
+            if watch is not None:
+                self._start_cleanup(watch, decision)
+
+    def _start_cleanup(self, watch: Watch, exited: WorkerExited) -> None:
+        task = self._spawn(self._cleanup_until_done(watch, exited), f"cleanup-{watch.worker.conn}")
+        self._pending.add(task)
+        self._idle.clear()
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._pending.discard(task)
+        if not self._pending:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no cleanup is in progress; False if `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    # ------------------------------------------------------------ observer (a source)
+
+    async def observe_forever(self) -> None:
+        while True:
+            started = time.monotonic()
+            for watch in list(self.watches.values()):
+                try:
+                    with self.health.op("observe worker registration"):
+                        await self.observe(watch)
+                except REDIS_FAILURES:
+                    break  # counted by health; try again next tick
+            await asyncio.sleep(max(0.0, self.poll_interval - (time.monotonic() - started)))
+
+    async def observe(self, watch: Watch) -> None:
+        """One tick for one worker: discover its registration, or check it with O(1) commands."""
+        now = self._clock()
+        w = watch.worker
+        known_live = any(o.score is not None and o.score >= now for o in watch.owned.values())
+        if not w.server_id and not known_live and now >= watch.next_discovery:
+            await self._discover(watch, now)
+        if not watch.owned:
+            return
+        owned = list(watch.owned.values())
+        results = await self.store.tick([o.member for o in owned])
+        in_flight = 0
+        for o, (score, count) in zip(owned, results):
+            o.score = score
+            if score is not None and score >= now:
+                in_flight += count
+                if o.member.key not in watch.reported:
+                    watch.reported.add(o.member.key)
+                    self._submit(RegistrationSeen(w.conn, o.member.key))
+        watch.in_flight = in_flight
+
+    async def _discover(self, watch: Watch, now: float) -> None:
+        """Find `{host:pid:*}` members that are the worker's: started after it (less a skew)
+        or carrying the server id it reported. Others that are long expired are earlier
+        incarnations of the same host and pid (a restarted container): removed."""
+        w = watch.worker
+        # Look every tick at first (asynq registers as it starts); a worker that has not
+        # registered after ten looks, or that has lost its registration, is looked for every
+        # DISCOVERY_BACKOFF seconds, so a scan of a large set is never paid every second.
+        watch.discoveries += 1
+        quick = watch.discoveries < 10 and not watch.owned
+        watch.next_discovery = now + (self.poll_interval if quick else DISCOVERY_BACKOFF)
+        candidates = await self.store.candidates(w.host, w.pid)
+        members = [m for m in (_decode_member(k) for k in candidates) if m is not None]
+        if not members:
+            return
+        infos = await self.store.server_infos(members)
+        for m, raw in zip(members, infos):
+            score = candidates[m.key]
+            info = None
+            if raw is not None:
+                try:
+                    info = asynq.decode_server_info(raw)
+                except asynq.UndecodableError:
+                    pass
+            if self._owns(w, m, info):
+                watch.owned.setdefault(m.key, Owned(m, score))
+            elif score < now - self.cfg.settle and m.key not in watch.owned:
+                self._start_orphan_cleanup(m, score)
+
+    @staticmethod
+    def _owns(w: Worker, m: asynq.Member, info: asynq.ServerInfo | None) -> bool:
+        """The worker's own server id, or a server started within the worker's life: not
+        before it started (less a skew) and not after it exited (a newer incarnation of the
+        same host and pid, such as a restarted container, is not the dead worker's)."""
+        if w.server_id:
+            return m.ident == w.server_id
+        if info is None or info.start_time is None:
+            return False
+        if info.start_time < w.born_at - OWNERSHIP_SKEW:
+            return False
+        return w.exited_at is None or info.start_time <= w.exited_at
+
+    def _ambiguous(self, w: Worker) -> bool:
+        """Another live worker with the same host and pid (two PID-1 containers of one pod)
+        could own the same registrations unless server ids were reported."""
+        return not w.server_id and any(
+            o.worker.host == w.host and o.worker.pid == w.pid and o.worker.conn != w.conn
+            for o in self.watches.values())
+
+    # ------------------------------------------------------------ cleanup
+
+    async def _cleanup_until_done(self, watch: Watch, exited: WorkerExited) -> None:
+        """Retry the cleanup with capped exponential backoff until it completes."""
+        delay = 0.1
+        pending_counted = False
+        try:
+            while True:
+                try:
+                    with self.health.op("clean up after worker exit"):
+                        await self._cleanup_once(watch, exited)
+                    return
+                except REDIS_FAILURES as e:
+                    self.metrics.errors.inc()
+                    if not pending_counted:
+                        pending_counted = True
+                        self.metrics.pending.inc()
+                    log.warning("cleanup of worker pid %d on %s waits for Redis (retry in %.1fs): %s",
+                                watch.worker.pid, watch.worker.host, delay, e)
+                    await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                    delay = min(delay * 2, 5.0)
+        except Exception:
+            log.exception("cleanup of worker pid %d on %s failed", watch.worker.pid, watch.worker.host)
+        finally:
+            if pending_counted:
+                self.metrics.pending.dec()
+            self.done.set()
+
+    async def _cleanup_once(self, watch: Watch, exited: WorkerExited) -> None:
+        w = watch.worker
+        if not exited.reported or not watch.owned:
+            # A last look: the worker may have died before a tick found its registration.
+            await self._discover(watch, self._clock())
+        owned = [o.member for o in watch.owned.values()]
+        seen = {m.key: await self.store.scores(m) for m in owned}
+        present = [m for m in owned if seen[m.key] != (None, None)]
+        if present and (not exited.reported or self._ambiguous(w)):
+            # Lost connection: the process is probably gone. Prove it: no heartbeat may move
+            # the score during the settle period (one beat every 5 s). The same proof is asked
+            # when another live worker shares this host and pid.
+            await asyncio.sleep(self.cfg.settle)
+            for m in present:
+                now_seen = await self.store.scores(m)
+                if _advanced(seen[m.key], now_seen):
+                    log.warning("worker pid %d on %s lost its connection but %s is still beating: "
+                                "left alone", w.pid, w.host, m.key)
+                    return
+                seen[m.key] = now_seen
+            present = [m for m in present if seen[m.key] != (None, None)]
+        if not present:
+            return  # deregistered itself (a graceful Shutdown), nothing leaked
+        # The registration outlived the worker: a leak, whatever the exit code (asynq #979 is
+        # a clean exit 0 that leaves it). Its in-flight tasks were never finished or requeued
+        # by a Shutdown: they wait for asynq's lease recovery. The workers hash (TTL 10 s) holds
+        # the last beat's view; the observer's last count stands in once it has expired.
+        self.metrics.leaked.inc()
+        in_flight = 0
+        for m in present:
+            in_flight += await self.store.in_flight(m)
+        self.metrics.abandoned.inc(in_flight or watch.in_flight)
+        names = ", ".join(m.key for m in present)
+        if self.cfg.mode == "off":
+            log.warning("worker pid %d on %s exited (%s) leaving %s; cleanup is off",
+                        w.pid, w.host, exited.outcome, names)
+            return
+        if self.cfg.mode == "dry-run":
+            self.metrics.would_remove.labels(reason="worker_exit").inc(len(present))
+            log.warning("worker pid %d on %s exited (%s) leaving %s; dry run: would remove it",
+                        w.pid, w.host, exited.outcome, names)
+            return
+        removed = 0
+        for m in present:
+            result = await self.store.remove(m, seen[m.key])
+            if result == KEPT:
+                log.warning("%s moved since the decision: a live server owns it; left alone", m.key)
+            elif result == REMOVED:
+                removed += 1
+        self.metrics.removed.labels(reason="worker_exit").inc(removed)
+        log.info("worker pid %d on %s exited (%s) leaving its registration: removed %s",
+                 w.pid, w.host, exited.outcome, names)
+
+    def _start_orphan_cleanup(self, member: asynq.Member, score: float) -> None:
+        """Remove an expired registration that no live worker owns (reason previous_incarnation)."""
+        self._spawn(self._remove_orphan(member, score), f"orphan-{member.ident}")
+
+    async def _remove_orphan(self, member: asynq.Member, score: float) -> None:
+        try:
+            with self.health.op("remove previous incarnation"):
+                seen = await self.store.scores(member)
+                if seen[0] is None or seen[0] > score:
+                    return
+                if self.cfg.mode == "dry-run":
+                    self.metrics.would_remove.labels(reason="previous_incarnation").inc()
+                    log.info("dry run: would remove %s, expired %.0fs ago", member.key, self._clock() - score)
+                    return
+                if self.cfg.mode == "off":
+                    return
+                if await self.store.remove(member, seen) == REMOVED:
+                    self.metrics.removed.labels(reason="previous_incarnation").inc()
+                    log.info("removed %s of an earlier incarnation, expired %.0fs ago",
+                             member.key, self._clock() - score)
+        except REDIS_FAILURES:
+            self.metrics.errors.inc()  # the next hello or start-up scan will find it again
+
+    async def remove_host_orphans(self) -> None:
+        """At start: expired registrations of this host that no connected worker owns (a worker
+        that died while the sidecar was down) are removed, if expired for longer than settle."""
+        if not self.hostname:
+            return
+        try:
+            with self.health.op("scan this host's registrations"):
+                candidates = await self.store.host_candidates(self.hostname)
+        except REDIS_FAILURES:
+            return
+        now = self._clock()
+        for key, score in candidates.items():
+            m = _decode_member(key)
+            if m is not None and score < now - self.cfg.settle:
+                self._start_orphan_cleanup(m, score)
+
+
+def _advanced(before: tuple[float | None, float | None], after: tuple[float | None, float | None]) -> bool:
+    return any(a is not None and (b is None or a > b) for b, a in zip(before, after))

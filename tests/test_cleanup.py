@@ -1,0 +1,265 @@
+"""The safety net against a real Redis: a dead worker's registration goes, a live one never does."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis as redis_sync
+import redis.asyncio as redis_async
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from exporter import asynq
+from exporter.cleanup import ABSENT, KEPT, REMOVED, RegistrationStore
+from exporter.config import CleanupConfig, RedisConfig
+from exporter.lifecycle import Disconnected, Exited, Hello, State
+from exporter.redis_server import RedisServer
+from exporter.sidecar import Sidecar
+from tests.helpers import eventually, register_server
+
+HOST = "pod-a"
+
+
+def metric(sc: Sidecar, name: str, **labels: str) -> float:
+    v = sc.registry.get_sample_value(name, labels)
+    return 0.0 if v is None else v
+
+
+def registration_present(rdb, m: asynq.Member) -> bool:
+    return rdb.zscore(asynq.SERVERS, m.key) is not None
+
+
+def gone_entirely(rdb, m: asynq.Member) -> bool:
+    w = m.sibling("workers")
+    return (rdb.zscore(asynq.SERVERS, m.key) is None and rdb.zscore(asynq.WORKERS, w.key) is None
+            and not rdb.exists(m.key) and not rdb.exists(w.key))
+
+
+def add_tasks(rdb, m: asynq.Member, n: int) -> None:
+    for i in range(n):
+        rdb.hset(m.sibling("workers").key, f"task-{i}", b"x")
+    rdb.expire(m.sibling("workers").key, 10)
+
+
+async def start_worker(sc: Sidecar, rdb, pid: int, sid: str, *, tasks: int = 0, host: str = HOST) -> tuple[int, asynq.Member]:
+    """A worker says hello, then registers (as asynq does right after Start); wait until the
+    sidecar has seen the registration and marked it running."""
+    conn = sc.new_conn_id()
+    sc.submit(Hello(conn, pid=pid, host=host, started_at=time.time()))
+    m = register_server(rdb, host, pid, sid, time.time() + 10, active=tasks)
+    add_tasks(rdb, m, tasks)
+    await eventually(lambda: conn in sc.tracker.workers and sc.tracker.workers[conn].state is State.RUNNING,
+                     what="the worker to be running via its registration")
+    return conn, m
+
+
+async def test_reported_kill_removes_the_registration_within_a_second(rdb, make_config):
+    async with Sidecar(make_config()) as sc:
+        conn, m = await start_worker(sc, rdb, 1, "s1", tasks=3)
+        killed_at = time.monotonic()
+        sc.submit(Exited(conn, signal="SIGKILL"))
+        await eventually(lambda: gone_entirely(rdb, m), timeout=1.0, what="registration removed")
+        assert time.monotonic() - killed_at < 1.0
+        assert metric(sc, "asynq_sidecar_leaked_registrations_total") == 1
+        assert metric(sc, "asynq_sidecar_registrations_removed_total", reason="worker_exit") == 1
+        assert metric(sc, "asynq_sidecar_abandoned_tasks_total") == 3
+        assert metric(sc, "asynq_sidecar_cleanups_pending") == 0
+
+
+async def test_a_clean_exit_0_that_leaves_the_registration_is_a_leak_asynq_979(rdb, make_config):
+    async with Sidecar(make_config()) as sc:
+        conn, m = await start_worker(sc, rdb, 1, "s1")
+        sc.submit(Exited(conn, code=0))
+        await eventually(lambda: gone_entirely(rdb, m), timeout=1.0, what="registration removed")
+        assert metric(sc, "asynq_sidecar_leaked_registrations_total") == 1
+        assert metric(sc, "asynq_sidecar_abandoned_tasks_total") == 0
+
+
+async def test_a_worker_that_deregistered_itself_is_not_a_leak(rdb, make_config):
+    async with Sidecar(make_config()) as sc:
+        conn, m = await start_worker(sc, rdb, 1, "s1")
+        # asynq's ClearServerState, then the process exits 0
+        rdb.zrem(asynq.SERVERS, m.key)
+        rdb.zrem(asynq.WORKERS, m.sibling("workers").key)
+        rdb.delete(m.key, m.sibling("workers").key)
+        sc.cleanup.done.clear()
+        sc.submit(Exited(conn, code=0))
+        await eventually(sc.cleanup.done.is_set, what="cleanup finished")
+        assert metric(sc, "asynq_sidecar_leaked_registrations_total") == 0
+        assert metric(sc, "asynq_sidecar_registrations_removed_total", reason="worker_exit") == 0
+
+
+async def test_death_before_the_first_tick_found_the_registration_is_still_cleaned(rdb, make_config):
+    async with Sidecar(make_config(poll_interval=3600)) as sc:
+        await asyncio.sleep(0)  # let the observer take its first (empty) look
+        conn = sc.new_conn_id()
+        sc.submit(Hello(conn, pid=5, host=HOST, started_at=time.time()))
+        m = register_server(rdb, HOST, 5, "quick", time.time() + 10)
+        sc.submit(Exited(conn, signal="SIGKILL"))
+        await eventually(lambda: gone_entirely(rdb, m), timeout=1.0, what="registration removed")
+
+
+async def test_lost_connection_removes_only_after_settle(rdb, make_config):
+    settle = 0.6
+    async with Sidecar(make_config(cleanup=CleanupConfig(settle=settle))) as sc:
+        conn, m = await start_worker(sc, rdb, 1, "s1")
+        lost_at = time.monotonic()
+        sc.submit(Disconnected(conn))
+        await eventually(lambda: conn not in sc.tracker.workers, what="the loss to be applied")
+        assert registration_present(rdb, m)  # not before the settle period
+        await eventually(lambda: gone_entirely(rdb, m), timeout=settle + 1.0, what="registration removed")
+        assert time.monotonic() - lost_at >= settle
+        assert metric(sc, "asynq_sidecar_leaked_registrations_total") == 1
+
+
+async def test_a_live_server_whose_connection_dropped_survives(rdb, make_config, redis_url):
+    settle = 0.6
+    client = redis_async.Redis.from_url(redis_url)
+
+    async def heartbeat(m: asynq.Member, stop: asyncio.Event) -> None:
+        score = time.time() + 10
+        while not stop.is_set():
+            score += 1  # every beat moves the expiry forward, as asynq's does
+            await client.zadd(asynq.SERVERS, {m.key: int(score)})
+            await client.zadd(asynq.WORKERS, {m.sibling("workers").key: int(score)})
+            await asyncio.sleep(0.1)
+
+    async with Sidecar(make_config(cleanup=CleanupConfig(settle=settle))) as sc:
+        conn, m = await start_worker(sc, rdb, 1, "s1")
+        stop = asyncio.Event()
+        beating = asyncio.create_task(heartbeat(m, stop))
+        sc.cleanup.done.clear()
+        sc.submit(Disconnected(conn))
+        await eventually(sc.cleanup.done.is_set, timeout=settle + 2, what="cleanup decision")
+        stop.set()
+        await beating
+        assert registration_present(rdb, m) and rdb.exists(m.key)
+        assert metric(sc, "asynq_sidecar_registrations_removed_total", reason="worker_exit") == 0
+        assert metric(sc, "asynq_sidecar_leaked_registrations_total") == 0
+    await client.aclose()
+
+
+async def test_only_the_dead_workers_registration_goes(rdb, make_config):
+    now = time.time()
+    other_host = register_server(rdb, "pod-b", 1, "other-host", now + 10)
+    other_pid = register_server(rdb, HOST, 2, "other-pid", now + 10)
+    old = register_server(rdb, HOST, 1, "earlier-incarnation", now - 60, start_time=now - 600,
+                          with_keys=False)
+    async with Sidecar(make_config()) as sc:
+        conn, mine = await start_worker(sc, rdb, 1, "mine")
+        await eventually(lambda: not registration_present(rdb, old), what="earlier incarnation removed")
+        sc.submit(Exited(conn, signal="SIGKILL"))
+        await eventually(lambda: gone_entirely(rdb, mine), timeout=1.0, what="registration removed")
+        assert metric(sc, "asynq_sidecar_registrations_removed_total", reason="previous_incarnation") == 1
+        assert metric(sc, "asynq_sidecar_registrations_removed_total", reason="worker_exit") == 1
+    for m in (other_host, other_pid):
+        assert registration_present(rdb, m) and rdb.exists(m.key)
+
+
+async def test_a_newer_incarnation_is_not_claimed_by_the_dead_worker(rdb, make_config):
+    async with Sidecar(make_config(cleanup=CleanupConfig(settle=0.3))) as sc:
+        conn = sc.new_conn_id()
+        sc.submit(Hello(conn, pid=1, host=HOST, started_at=time.time()))
+        await eventually(lambda: conn in sc.tracker.workers, what="hello applied")
+        sc.cleanup.done.clear()
+        sc.submit(Exited(conn, signal="SIGKILL"))  # died before registering
+        await eventually(sc.cleanup.done.is_set, what="cleanup finished")
+        newer = register_server(rdb, HOST, 1, "newer", time.time() + 10, start_time=time.time() + 0.01)
+        # The dead worker's cleanup is over and left the newer incarnation alone.
+        assert registration_present(rdb, newer)
+        assert metric(sc, "asynq_sidecar_leaked_registrations_total") == 0
+
+
+@pytest.mark.parametrize("mode", ["dry-run", "off"])
+async def test_dry_run_and_off_count_the_leak_but_remove_nothing(rdb, make_config, mode):
+    async with Sidecar(make_config(cleanup=CleanupConfig(mode=mode))) as sc:
+        conn, m = await start_worker(sc, rdb, 1, "s1")
+        sc.cleanup.done.clear()
+        sc.submit(Exited(conn, signal="SIGKILL"))
+        await eventually(sc.cleanup.done.is_set, what="cleanup finished")
+        assert registration_present(rdb, m)
+        assert metric(sc, "asynq_sidecar_leaked_registrations_total") == 1
+        expected = 1 if mode == "dry-run" else 0
+        assert metric(sc, "asynq_sidecar_registrations_would_remove_total", reason="worker_exit") == expected
+
+
+async def test_a_redis_restart_during_a_pending_cleanup_completes_after_redis_returns(make_config, tmp_path):
+    # Append-only file on: the registration survives the restart, as it would in production.
+    server = RedisServer(extra_args=("--appendonly", "yes", "--appendfsync", "always")).start()
+    try:
+        rdb = redis_sync.Redis.from_url(server.url)
+        cfg = make_config(redis=RedisConfig(url=server.url, timeout=0.3))
+        async with Sidecar(cfg) as sc:
+            conn, m = await start_worker(sc, rdb, 1, "s1")
+            server.stop()
+            sc.submit(Exited(conn, signal="SIGKILL"))
+            await eventually(lambda: metric(sc, "asynq_sidecar_cleanups_pending") == 1, what="a pending cleanup")
+            assert metric(sc, "asynq_sidecar_cleanup_errors_total") >= 1
+            server.start()
+            assert registration_present(rdb, m)  # it came back with Redis
+            await eventually(lambda: gone_entirely(rdb, m), timeout=10, what="registration removed after Redis returned")
+            await eventually(lambda: metric(sc, "asynq_sidecar_cleanups_pending") == 0, what="nothing pending")
+            assert metric(sc, "asynq_sidecar_registrations_removed_total", reason="worker_exit") == 1
+        rdb.close()
+    finally:
+        server.close()
+
+
+async def test_start_up_removes_expired_registrations_of_this_host(rdb, make_config):
+    now = time.time()
+    dead = register_server(rdb, HOST, 7, "died-while-sidecar-was-down", now - 30, with_keys=False)
+    fresh = register_server(rdb, HOST, 8, "expired-just-now", now - 1)  # within settle: left
+    live = register_server(rdb, HOST, 9, "live", now + 10)
+    async with Sidecar(make_config(hostname=HOST)) as sc:
+        await eventually(lambda: not registration_present(rdb, dead), what="orphan removed")
+        assert metric(sc, "asynq_sidecar_registrations_removed_total", reason="previous_incarnation") == 1
+    assert registration_present(rdb, fresh) and registration_present(rdb, live)
+
+
+# ---------------------------------------------------------------- the conditional removal itself
+
+_steps = st.lists(st.sampled_from(["beat", "decide", "remove", "die"]), min_size=1, max_size=25)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=_steps)
+def test_interleavings_never_remove_an_entry_that_beat_after_the_decision(redis_url, steps):
+    """Whatever the order of heartbeats, decisions and removals, a removal goes through only
+    when no heartbeat came after the decision it acts on; an owner that beat since survives."""
+
+    async def scenario() -> None:
+        client = redis_async.Redis.from_url(redis_url)
+        store = RegistrationStore(client)
+        m = asynq.server_member("h", 1, "s")
+        await client.delete(asynq.SERVERS, asynq.WORKERS, m.key, m.sibling("workers").key)
+        score, alive, seen, beat_since_decision = 1000, True, None, False
+        for step in steps:
+            if step == "beat" and alive:
+                score += 5
+                await client.zadd(asynq.SERVERS, {m.key: score})
+                await client.zadd(asynq.WORKERS, {m.sibling("workers").key: score})
+                await client.set(m.key, b"info", ex=10)
+                beat_since_decision = True
+            elif step == "decide":
+                seen = await store.scores(m)
+                beat_since_decision = False
+            elif step == "remove" and seen is not None:
+                present = await client.zscore(asynq.SERVERS, m.key) is not None
+                result = await store.remove(m, seen)
+                if beat_since_decision and seen[0] is not None:
+                    assert result == KEPT
+                    assert await client.zscore(asynq.SERVERS, m.key) is not None
+                elif present and seen[0] is not None:
+                    assert result == REMOVED
+                    assert not await client.exists(m.key)
+                else:
+                    assert result in (ABSENT, REMOVED, KEPT)
+                    if result == KEPT:
+                        assert beat_since_decision
+            elif step == "die":
+                alive = False
+        await client.aclose()
+
+    asyncio.run(scenario())

@@ -43,6 +43,10 @@ class Hello:
     server_id: str | None = None
     shutdown_timeout: float | None = None
     protocol: int = 1
+    # When the worker process started (Unix seconds, the sender's clock). A launcher that
+    # buffered while no sidecar listened delivers hello late; ownership of a registration is
+    # judged against this time when it is given, else against the time hello arrived.
+    started_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +103,7 @@ class Worker:
     server_id: str | None
     shutdown_timeout: float | None
     hello_at: float
+    started_at: float | None = None
     state: State = State.STARTING
     running_at: float | None = None
     stopping_at: float | None = None
@@ -107,6 +112,11 @@ class Worker:
     outcome: str | None = None
     deregistered: bool = False  # said bye
     members: set[str] = field(default_factory=set)  # registrations seen for this worker
+
+    @property
+    def born_at(self) -> float:
+        """The earliest time the worker can have registered: its start, else its hello."""
+        return self.hello_at if self.started_at is None else min(self.started_at, self.hello_at)
 
 
 # ---------------------------------------------------------------- decisions (outputs)
@@ -188,7 +198,7 @@ class Tracker:
                 return [Rejected(event.conn, "hello", worker.state.value)]
             worker = Worker(conn=event.conn, host=event.host, pid=event.pid,
                             server_id=event.server_id, shutdown_timeout=event.shutdown_timeout,
-                            hello_at=now)
+                            hello_at=now, started_at=event.started_at)
             self.workers[event.conn] = worker
             return [WorkerStarted(worker)]
 

@@ -23,6 +23,12 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
               "List every registration in Redis, live or expired, without changing anything. "
               "Exit 0: nothing expired; 1: expired entries exist; 2: Redis cannot be read.",
               GROUPS["redis"] + ("json", "log-level", "log-format")),
+    "sweep": ("exporter.sweep",
+              "Remove registrations expired for longer than --grace from asynq:servers, "
+              "asynq:workers and asynq:schedulers, with their per-server keys, in short batches "
+              "under a lock. Exit 0: swept, or another sweep holds the lock (nothing done); "
+              "1: the lock was lost mid-sweep; 2: Redis cannot be reached.",
+              GROUPS["redis"] + ("grace", "sweep-batch", "dry-run", "json", "log-level", "log-format")),
     "emulate": ("exporter.emulator",
                 "Run an emulated Asynq server that registers in Redis exactly as asynq does "
                 "(for the demo and tests).",

@@ -85,6 +85,15 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not text.strip().isdigit() or not low <= int(text) <= high:
+            raise ConfigError(f"expected a whole number from {low} to {high}")
+        return int(text)
+
+    return parse
+
+
 def file_mode(text: str) -> int:
     try:
         mode = int(text, 8)
@@ -206,6 +215,9 @@ OPTIONS: dict[str, Option] = {
                "Run a fleet sweep every this many seconds (0: off).", "SECONDS"),
         Option("grace", seconds_or_zero, 60.0,
                "Sweep only registrations expired for longer than this many seconds.", "SECONDS"),
+        Option("sweep-batch", int_between(1, 5000), 500,
+               "Members a sweep selects and removes per batch; each Redis command of the sweep "
+               "handles at most this many, which keeps it short.", "N"),
         Option("dry-run", boolean, False, "Report what would be removed; change nothing.",
                switch=True),
         Option("json", boolean, False, "Print machine-readable JSON.", switch=True),
@@ -232,7 +244,7 @@ def add_options(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
     """Add the named options to an argparse parser; values are validated by `resolve`."""
     for name in names:
         opt = OPTIONS[name]
-        shown = "this host's name" if opt.default is _hostname else _show(opt.default)
+        shown = "this host's name" if opt.default is _hostname else _show(opt.default, octal=opt.parse is file_mode)
         help_text = f"{opt.help} [env {opt.env}; default {shown}]"
         if opt.switch:
             parser.add_argument(opt.flag, dest=opt.dest, action="store_const", const="true",
@@ -242,14 +254,14 @@ def add_options(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
                                 help=help_text)
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, octal: bool = False) -> str:
     if value is None:
         return "none"
     if isinstance(value, tuple) and len(value) == 2:
         return f"{value[0]}:{value[1]}"
     if isinstance(value, bool):
         return "false" if not value else "true"
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0o100 and value < 0o1000:
+    if octal and isinstance(value, int):  # a file mode
         return f"0{value:o}"
     return str(value)
 
@@ -397,7 +409,7 @@ def markdown(commands: Mapping[str, Sequence[str]]) -> str:
         "|---|---|---|---|",
     ]
     for opt in OPTIONS.values():
-        default = "this host's name" if opt.default is _hostname else _show(opt.default)
+        default = "this host's name" if opt.default is _hostname else _show(opt.default, octal=opt.parse is file_mode)
         value = "" if opt.switch else f" {opt.metavar}"
         lines.append(f"| `{opt.flag}{value}` | `{opt.env}` | `{default}` | {opt.help} |")
     lines += ["", "## Options by command", ""]

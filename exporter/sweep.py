@@ -1,0 +1,493 @@
+"""`asynq-sidecar sweep`: remove registrations expired for longer than a grace, fleet-wide.
+
+Works in short batches under a Redis lock so that no command blocks Redis and two sweepers never
+run at once. `Sweeper.sweep_once()` is the API that `serve --sweep-interval` calls periodically.
+
+How one set is swept (each step a separate, short command; nothing ever spans two keys):
+1. `ZRANGEBYSCORE <set> -inf (<cutoff> LIMIT 0 <batch>`: the next batch of expired members.
+2. A script on that one sorted set removes each selected member only if its score is still
+   below the cutoff, and returns the members it removed: a server that beat again in between
+   keeps its registration.
+3. `DEL` of each removed member's per-server key (the key name is the member string), pipelined,
+   one key per command: a sorted set and a per-server key are in different Redis Cluster slots.
+asynq's own listing runs `ZREMRANGEBYSCORE <set> -inf <now-1>` in one command; we never do.
+
+Members whose name is not asynq's (`asynq:<set>:{host:pid:id}` of that set) are removed too
+when expired past the grace (the score is the expiry, whatever the name), and counted apart;
+a key named like such a member is left alone, since nothing says that it is a per-server key.
+
+`--dry-run` sends read commands only (it does not even take the lock). Exit status: 0 when the
+sweep ran or when another sweeper held the lock (nothing was done: the other one sweeps);
+1 when the lock was lost mid-sweep (the sweep stopped early); 2 when Redis cannot be reached or
+failed mid-sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import secrets
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from redis.asyncio import Redis
+
+from exporter import asynq, logs
+from exporter.config import LogConfig, RedisConfig
+from exporter.health import REDIS_FAILURES, RedisHealth
+from exporter.redisconn import connect
+
+log = logging.getLogger("exporter.sweep")
+
+LOCK_KEY = "asynq-sidecar:sweep:lock"
+#: The lock expires this long after its last refresh; a running sweep refreshes it every third.
+LOCK_TTL = 30.0
+#: Members per batch: each command then takes well under a millisecond at 100,000 members.
+DEFAULT_BATCH = 500
+#: The human report lists the members of a set when it removed at most this many.
+LIST_AT_MOST = 20
+
+EXIT_OK, EXIT_LOCK_LOST, EXIT_REDIS = 0, 1, 2
+
+# KEYS[1] = one sorted set; ARGV[1] = cutoff (exclusive); ARGV[2..] = members.
+# Removes each member whose score is still below the cutoff. Returns the members it kept (those
+# that beat again, or are gone already): usually none, which keeps the reply small.
+_REMOVE_EXPIRED = """
+local cutoff = tonumber(ARGV[1])
+local kept = {}
+for i = 2, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) < cutoff then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+  else
+    kept[#kept + 1] = ARGV[i]
+  end
+end
+return kept
+"""
+
+# KEYS[1] = the lock; ARGV[1] = our token; ARGV[2] = new TTL in ms. 1 if still ours, else 0.
+_REFRESH_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# KEYS[1] = the lock; ARGV[1] = our token. Deletes it only if it is still ours.
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass
+class Removed:
+    """A member removed from a set (or, in a dry run, one that would be)."""
+
+    member: str  # as text (invalid UTF-8 escaped)
+    score: float  # its expiry, Unix seconds
+    undecodable: bool = False  # not asynq's name for a member of this set; its same-named key is kept
+
+
+@dataclass
+class SetSweep:
+    """What the sweep did to one of asynq:servers, asynq:workers, asynq:schedulers."""
+
+    set: str  # servers | workers | schedulers
+    key: str  # asynq:servers ...
+    removed: list[Removed] = field(default_factory=list)
+    keys_deleted: list[str] = field(default_factory=list)  # per-server keys deleted (that existed)
+    came_back: int = 0  # selected as expired, but beat again before the removal: kept
+
+    @property
+    def undecodable(self) -> int:
+        return sum(1 for r in self.removed if r.undecodable)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "removed": len(self.removed),
+            "undecodable": self.undecodable,
+            "keys_deleted": len(self.keys_deleted),
+            "came_back": self.came_back,
+            "members": [{"member": r.member, "score": r.score, "undecodable": r.undecodable}
+                        for r in self.removed],
+            "deleted_keys": list(self.keys_deleted),
+        }
+
+
+@dataclass
+class SweepReport:
+    """The outcome of one sweep. In a dry run, "removed" and "deleted" mean "would be"."""
+
+    redis_url: str
+    time: float  # the sweep's `now`, Unix seconds
+    grace: float
+    cutoff: float  # members with a score below this were expired for longer than the grace
+    dry_run: bool
+    sets: dict[str, SetSweep]
+    lock_busy: bool = False  # another sweeper held the lock: nothing was done
+    lock_holder: str | None = None  # that sweeper's lock value (host:pid:token)
+    lock_lost: bool = False  # the lock expired or was taken mid-sweep: stopped early
+    batches: int = 0
+    duration: float = 0.0  # seconds
+    error: str | None = None  # Redis failed mid-sweep (see SweepFailed)
+
+    @property
+    def removed(self) -> int:
+        """Members removed from the three sets, all together."""
+        return sum(len(s.removed) for s in self.sets.values())
+
+    @property
+    def keys_deleted(self) -> int:
+        return sum(len(s.keys_deleted) for s in self.sets.values())
+
+    @property
+    def undecodable(self) -> int:
+        return sum(s.undecodable for s in self.sets.values())
+
+    @property
+    def came_back(self) -> int:
+        return sum(s.came_back for s in self.sets.values())
+
+    @property
+    def complete(self) -> bool:
+        return not (self.lock_busy or self.lock_lost or self.error)
+
+    def exit_code(self) -> int:
+        if self.error:
+            return EXIT_REDIS
+        if self.lock_lost:
+            return EXIT_LOCK_LOST
+        return EXIT_OK
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "redis_url": self.redis_url,
+            "time": self.time,
+            "grace": self.grace,
+            "cutoff": self.cutoff,
+            "dry_run": self.dry_run,
+            "lock_busy": self.lock_busy,
+            "lock_holder": self.lock_holder,
+            "lock_lost": self.lock_lost,
+            "complete": self.complete,
+            "error": self.error,
+            "batches": self.batches,
+            "duration": round(self.duration, 6),
+            "removed": self.removed,
+            "keys_deleted": self.keys_deleted,
+            "undecodable": self.undecodable,
+            "came_back": self.came_back,
+            "sets": {name: s.to_json() for name, s in self.sets.items()},
+        }
+
+
+class SweepFailed(Exception):
+    """Redis failed mid-sweep. `report` holds what was removed before the failure; the lock
+    was released if Redis allowed, else it expires by itself."""
+
+    def __init__(self, report: SweepReport) -> None:
+        super().__init__(report.error)
+        self.report = report
+
+
+class _LockLost(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- the sweeper
+
+#: Test seam: awaited with (set name, selected members) between selection and removal.
+AfterSelect = Callable[[str, list[bytes]], Awaitable[None]]
+
+
+def _raw(value: bytes | str) -> bytes:
+    """A member as bytes, whether or not the client decodes responses."""
+    return value.encode() if isinstance(value, str) else value
+
+
+def _text(raw: bytes | str) -> str:
+    return raw if isinstance(raw, str) else raw.decode("utf-8", "backslashreplace")
+
+
+def _own_key(set_name: str, raw: bytes) -> bool:
+    """True when `raw` is asynq's name for a member of `set_name`, so a key of that name is its
+    per-server key."""
+    try:
+        return asynq.parse_member(raw).set == set_name
+    except asynq.UndecodableError:
+        return False
+
+
+class Sweeper:
+    """Removes registrations expired for longer than `grace` seconds from asynq's three sets.
+
+    Call `sweep_once()` from one task at a time; each call takes the lock afresh (a dry run
+    takes none). Redis failures raise `SweepFailed` (after `health` recorded them).
+    """
+
+    def __init__(self, redis: Redis, health: RedisHealth, *, grace: float, batch: int = DEFAULT_BATCH,
+                 dry_run: bool = False, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic, lock_ttl: float = LOCK_TTL,
+                 after_select: AfterSelect | None = None) -> None:
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
+        self._redis = redis
+        self._health = health
+        self.grace = grace
+        self.batch = batch
+        self.dry_run = dry_run
+        self._clock = clock
+        self._monotonic = monotonic
+        self._lock_ttl_ms = max(1, int(lock_ttl * 1000))
+        self._after_select = after_select
+        self._remove_script = redis.register_script(_REMOVE_EXPIRED)
+        self._refresh_script = redis.register_script(_REFRESH_LOCK)
+        self._release_script = redis.register_script(_RELEASE_LOCK)
+        self._token = ""
+        self._refreshed_at = 0.0
+
+    async def sweep_once(self) -> SweepReport:
+        """One sweep of the three sets. Returns the report; raises SweepFailed on a Redis failure."""
+        started = self._monotonic()
+        now = self._clock()
+        report = SweepReport(redis_url=self._health.display_url, time=now, grace=self.grace,
+                             cutoff=now - self.grace, dry_run=self.dry_run,
+                             sets={name: SetSweep(name, key) for name, key in asynq.SETS.items()})
+        try:
+            if self.dry_run:
+                for set_sweep in report.sets.values():
+                    await self._preview_set(set_sweep, report)
+            elif await self._acquire(report):
+                try:
+                    for set_sweep in report.sets.values():
+                        await self._sweep_set(set_sweep, report)
+                except _LockLost:
+                    report.lock_lost = True
+                    log.warning("sweep stopped early: the lock %s expired or was taken by another "
+                                "sweeper", LOCK_KEY)
+                finally:
+                    await self._release()
+        except REDIS_FAILURES as e:
+            report.error = f"{type(e).__name__}: {e}"
+            report.duration = self._monotonic() - started
+            log.warning("sweep failed after removing %d registration(s): %s", report.removed, report.error)
+            raise SweepFailed(report) from e
+        report.duration = self._monotonic() - started
+        self._log(report)
+        return report
+
+    # -- the lock
+
+    async def _acquire(self, report: SweepReport) -> bool:
+        token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(16)}"
+        with self._health.op("sweep lock"):
+            got = await self._redis.set(LOCK_KEY, token, nx=True, px=self._lock_ttl_ms)
+            if not got:
+                holder = await self._redis.get(LOCK_KEY)
+        if not got:
+            report.lock_busy = True
+            report.lock_holder = _text(holder) if holder is not None else None
+            return False
+        self._token = token
+        self._refreshed_at = self._monotonic()
+        return True
+
+    async def _keep_lock(self) -> None:
+        """Refresh the lock when a third of its TTL has passed; raise _LockLost if not ours."""
+        if (self._monotonic() - self._refreshed_at) * 1000 < self._lock_ttl_ms / 3:
+            return
+        with self._health.op("sweep lock"):
+            ours = await self._refresh_script(keys=[LOCK_KEY], args=[self._token, self._lock_ttl_ms])
+        if not ours:
+            raise _LockLost
+        self._refreshed_at = self._monotonic()
+
+    async def _release(self) -> None:
+        try:
+            with self._health.op("sweep unlock"):
+                await self._release_script(keys=[LOCK_KEY], args=[self._token])
+        except REDIS_FAILURES as e:
+            log.warning("could not release the sweep lock (it expires in %.0f s): %s: %s",
+                        self._lock_ttl_ms / 1000, type(e).__name__, e)
+        self._token = ""
+
+    # -- sweeping
+
+    async def _sweep_set(self, result: SetSweep, report: SweepReport) -> None:
+        below = f"({report.cutoff!r}"
+        while True:
+            await self._keep_lock()
+            with self._health.op(f"sweep {result.key}"):
+                page = await self._redis.zrangebyscore(result.key, "-inf", below, start=0,
+                                                       num=self.batch, withscores=True)
+            if not page:
+                return
+            report.batches += 1
+            scores = {_raw(member): float(score) for member, score in page}
+            if self._after_select is not None:
+                await self._after_select(result.set, list(scores))
+            with self._health.op(f"sweep {result.key}"):
+                kept = await self._remove_script(keys=[result.key], args=[repr(report.cutoff), *scores])
+            kept = set(map(_raw, kept))
+            result.came_back += len(kept)
+            owned = []
+            for raw in scores:
+                if raw in kept:
+                    continue
+                own = _own_key(result.set, raw)
+                result.removed.append(Removed(_text(raw), scores[raw], undecodable=not own))
+                if own:
+                    owned.append(raw)
+            if owned:
+                await self._delete_keys(result, owned)
+            if len(page) < self.batch:
+                return
+
+    async def _delete_keys(self, result: SetSweep, keys: Sequence[bytes]) -> None:
+        """DEL each per-server key on its own (one key per command: Cluster-safe), pipelined."""
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.delete(key)
+        with self._health.op("sweep per-server keys"):
+            replies = await pipe.execute()
+        result.keys_deleted.extend(_text(k) for k, n in zip(keys, replies, strict=True) if n)
+
+    async def _preview_set(self, result: SetSweep, report: SweepReport) -> None:
+        """Dry run: page through the set by rank (O(log N) per page) with read commands only."""
+        seen: set[bytes] = set()
+        start = 0
+        while True:
+            with self._health.op(f"sweep {result.key}"):
+                page = await self._redis.zrange(result.key, start, start + self.batch - 1, withscores=True)
+            report.batches += 1
+            owned = []
+            for member, score in page:
+                raw = _raw(member)
+                if float(score) >= report.cutoff:
+                    page = []  # sorted by score: nothing further is expired long enough
+                    break
+                if raw in seen:  # ranks shifted under us
+                    continue
+                seen.add(raw)
+                own = _own_key(result.set, raw)
+                result.removed.append(Removed(_text(raw), float(score), undecodable=not own))
+                if own:
+                    owned.append(raw)
+            if owned:
+                pipe = self._redis.pipeline(transaction=False)
+                for key in owned:
+                    pipe.exists(key)
+                with self._health.op("sweep per-server keys"):
+                    replies = await pipe.execute()
+                result.keys_deleted.extend(_text(k) for k, n in zip(owned, replies, strict=True) if n)
+            if len(page) < self.batch:
+                return
+            start += self.batch
+
+    def _log(self, report: SweepReport) -> None:
+        if report.lock_busy:
+            log.info("sweep skipped: another sweeper holds the lock (%s)", report.lock_holder)
+            return
+        verb = "would remove" if report.dry_run else "removed"
+        per_set = ", ".join(f"{name} {len(s.removed)}" for name, s in report.sets.items())
+        log.info("sweep %s %d expired registration(s) (%s; %d undecodable) and %d per-server key(s) "
+                 "in %.3f s", verb, report.removed, per_set, report.undecodable, report.keys_deleted,
+                 report.duration)
+
+
+# ---------------------------------------------------------------- printing
+
+
+def _printable(text: str, limit: int = 120) -> str:
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _ago(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def print_report(report: SweepReport, out: TextIO) -> None:
+    if report.lock_busy:
+        out.write(f"Another sweep is running on {report.redis_url} (lock {LOCK_KEY} held by "
+                  f"{_printable(report.lock_holder or '?')}); nothing was done.\n")
+        return
+    verb = "Would remove" if report.dry_run else "Removed"
+    head = "Dry run, nothing was changed. " if report.dry_run else ""
+    out.write(f"{head}Sweep of {report.redis_url} at {_utc(report.time)}: registrations expired "
+              f"before {_utc(report.cutoff)} (grace {report.grace:g} s)\n\n")
+    width = max(len(name) for name in report.sets) + 1
+    for name, s in report.sets.items():
+        line = f"  {name + ':':<{width}} {verb.lower()} {len(s.removed)}, per-server keys {len(s.keys_deleted)}"
+        if s.undecodable:
+            line += f", undecodable members {s.undecodable}"
+        if s.came_back:
+            line += f", kept {s.came_back} that beat again"
+        out.write(line + "\n")
+        if 0 < len(s.removed) <= LIST_AT_MOST:
+            for r in s.removed:
+                note = "  (undecodable: its same-named key is left alone)" if r.undecodable else ""
+                out.write(f"      {_printable(r.member)}  expired {_ago(report.time - r.score)} ago{note}\n")
+        elif s.removed:
+            out.write(f"      ({len(s.removed)} members; --json lists them all)\n")
+    out.write(f"\n{verb} {report.removed} registration(s) and {report.keys_deleted} per-server key(s) "
+              f"in {report.duration:.3f} s ({report.batches} batches).\n")
+    if report.lock_lost:
+        out.write("The sweep stopped early: its lock expired or was taken by another sweeper.\n")
+
+
+# ---------------------------------------------------------------- command
+
+
+def run(values: dict[str, Any], args: argparse.Namespace) -> int:
+    log_cfg = LogConfig.from_values(values)
+    logs.setup(log_cfg.level, log_cfg.format)
+    redis_cfg = RedisConfig.from_values(values)
+    try:
+        report = asyncio.run(_sweep(redis_cfg, grace=values["grace"], dry_run=values["dry_run"],
+                                    batch=values["sweep_batch"]))
+    except SweepFailed as e:
+        report = e.report
+        done = f" after removing {report.removed} registration(s)" if report.removed else ""
+        sys.stderr.write(f"asynq-sidecar sweep: Redis at {redis_cfg.display_url} failed{done}: "
+                         f"{report.error}\n")
+    if values["json"]:
+        json.dump(report.to_json(), sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    elif not report.error or report.removed:
+        print_report(report, sys.stdout)
+    return report.exit_code()
+
+
+async def _sweep(cfg: RedisConfig, *, grace: float, dry_run: bool, batch: int) -> SweepReport:
+    redis = connect(cfg)
+    try:
+        sweeper = Sweeper(redis, RedisHealth(cfg.display_url), grace=grace, batch=batch, dry_run=dry_run)
+        return await sweeper.sweep_once()
+    finally:
+        await redis.aclose()

@@ -22,6 +22,8 @@ from exporter.health import REDIS_FAILURES, RedisHealth
 from exporter.cleanup import Cleanup
 from exporter.http import build_app
 from exporter.lifecycle import Decision, Event, Tracker
+from exporter.lifecycle_metrics import LifecycleLog, LifecycleMetrics
+from exporter.lifesocket import LifecycleSocket
 from exporter.metrics import RegistryCollector, new_registry
 from exporter.redisconn import connect
 from exporter.registry import DetailsWatcher, RegistryCounts
@@ -107,7 +109,13 @@ class Sidecar:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # redis-py (8.x, on Python 3.11) can swallow a cancellation that lands while it opens a
+        # connection, and the task then runs on: cancel whatever is left until all have ended.
+        while tasks:
+            _, pending = await asyncio.wait(tasks, timeout=0.1)
+            for task in pending:
+                task.cancel()
+            tasks = list(pending)
 
     async def _start(self) -> None:
         cfg = self.cfg
@@ -128,6 +136,12 @@ class Sidecar:
         self.sinks.append(self.cleanup)
         self.spawn(self.cleanup.observe_forever(), "registration-observer")
         self.spawn(self.cleanup.remove_host_orphans(), "host-orphans")
+
+        # The lifecycle socket: its connections are sources; metrics and edge logs are sinks.
+        self.lifecycle_metrics = LifecycleMetrics(self.registry, self.tracker, cfg.shutdown_budget)
+        self.sinks += [self.lifecycle_metrics, LifecycleLog(cfg.shutdown_budget)]
+        self.lifesocket = await self._stack.enter_async_context(LifecycleSocket(
+            cfg.socket, submit=self.submit, new_conn_id=self.new_conn_id, stats=self.lifecycle_metrics))
 
         app = build_app(self.registry, before_scrape=self.counts.refresh, redis_ready=self._redis_ready)
         runner = web.AppRunner(app, handle_signals=False, access_log=None,

@@ -29,6 +29,11 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
               "under a lock. Exit 0: swept, or another sweep holds the lock (nothing done); "
               "1: the lock was lost mid-sweep; 2: Redis cannot be reached.",
               GROUPS["redis"] + ("grace", "sweep-batch", "dry-run", "json", "log-level", "log-format")),
+    "run": ("exporter.launcher",
+            "Start a worker (-- CMD ARGS...) and report its lifecycle: hello, stopping on "
+            "SIGTERM/SIGINT, exited; forward signals; exit with its status. --serve runs the "
+            "sidecar in the same process.",
+            SERVE_OPTIONS + ("serve",)),
     "emulate": ("exporter.emulator",
                 "Run an emulated Asynq server that registers in Redis exactly as asynq does "
                 "(for the demo and tests).",
@@ -56,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands whose modules add arguments beyond the option table (positional CMD, etc.).
-_EXTRA_ARGS: set[str] = {"emulate"}
+_EXTRA_ARGS: set[str] = {"emulate", "run"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -221,6 +221,10 @@ OPTIONS: dict[str, Option] = {
         Option("dry-run", boolean, False, "Report what would be removed; change nothing.",
                switch=True),
         Option("json", boolean, False, "Print machine-readable JSON.", switch=True),
+        # launcher
+        Option("serve", boolean, False,
+               "Also run the whole sidecar in this process (the bundled, single-container mode); "
+               "every `serve` flag applies.", switch=True),
         # logging
         Option("log-level", one_of("debug", "info", "warning", "error"), "info",
                "Least severe log level printed.", "LEVEL"),

@@ -104,7 +104,7 @@ def test_a_line_of_exactly_the_limit_is_accepted():
     assert parse(line + b"\n", 1) == Message(Ready(1))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.one_of(st.binary(max_size=300),
                  st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
                               | st.text(max_size=20),

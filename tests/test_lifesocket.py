@@ -10,6 +10,7 @@ import signal
 import socket
 import stat
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,7 @@ from exporter.config import SocketConfig
 from exporter.lifesocket import MAX_MESSAGES, SocketInUseError
 from exporter.sidecar import Sidecar
 from tests.helpers import eventually, scrape, value
-from tests.lifecycle_helpers import HOST, exits, metric, processes  # noqa: F401 - a fixture
+from tests.lifecycle_helpers import exits, metric, processes  # noqa: F401 - a fixture
 
 DRAIN = 0.4
 
@@ -60,12 +61,12 @@ async def test_stale_socket_is_replaced_and_a_live_one_is_a_clear_error(make_con
 
 
 async def test_a_file_that_is_not_a_socket_is_never_replaced(make_config, tmp_socket):
-    with open(tmp_socket, "w") as f:
-        f.write("precious")
+    path = Path(tmp_socket)
+    path.write_text("precious")
     with pytest.raises(SocketInUseError, match="not a socket"):
         async with Sidecar(make_config()):
             pass
-    assert open(tmp_socket).read() == "precious"
+    assert path.read_text() == "precious"
 
 
 async def test_a_closed_connection_without_exit_report_is_lost_and_a_last_line_needs_no_newline(make_config, tmp_socket):

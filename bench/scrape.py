@@ -1,0 +1,132 @@
+"""Scrapes of a real `asynq-sidecar serve`: latency at 10 and at 100,000 registrations, and the
+Redis commands one scrape costs (INFO stats total_commands_processed before and after).
+
+Latency is measured from a keep-alive HTTP/1.1 client (as Prometheus keeps its connection), from
+the request written to the whole body read. Scrapes are spaced so that a run spans more than one
+details-watcher read (every 10 s by default): a scrape that arrives while the watcher is decoding
+a page waits for it, and the percentiles show it. The same data is then scraped with the watcher
+quiet (--watch-interval 3600) to separate the scrape path itself from that interference.
+"""
+
+from __future__ import annotations
+
+import time
+
+from bench.core import (
+    INFO, INFO_OVERHEAD, MISS, PASS, BenchError, Report, Row, Scraper, ServeProcess,
+    commands_processed, load_registrations, median, metric_sum, percentile, private_redis, workdir,
+)
+
+P50_MS, P99_MS, RATIO = 3.0, 10.0, 1.3
+
+
+def _wait_details(sc: ServeProcess, n: int, timeout: float) -> None:
+    """Until the watcher's first full read has seen all n servers (start-up work is over)."""
+    deadline = time.monotonic() + timeout
+    while metric_sum(sc.scrape(), "asynq_registry_servers") != n:
+        if time.monotonic() > deadline:
+            raise BenchError(f"the watcher did not read {n} servers within {timeout}s:\n{sc.tail()}")
+        time.sleep(0.1)
+
+
+def _latencies(url: str, wd: str, n: int, scrapes: int, gap: float, args: list[str]) -> list[float]:
+    with ServeProcess(url, wd, args=args) as sc:
+        sc.wait_served()
+        _wait_details(sc, n, 60 + n / 2_000)
+        scraper = Scraper(sc.port)
+        try:
+            for _ in range(20):  # warm-up: connection, code paths
+                scraper.timed()
+            out = []
+            for _ in range(scrapes):
+                out.append(scraper.timed() * 1000)
+                time.sleep(gap)
+            return out
+        finally:
+            scraper.close()
+
+
+def latency(quick: bool) -> Report:
+    big = 10_000 if quick else 100_000
+    scrapes, gap = (100, 0.01) if quick else (500, 0.025)
+    # (label, live servers, expired registrations): the fleet a sidecar sees, and a leak.
+    scenarios = (("10 live registrations", 10, 0),
+                 (f"{big:,} expired registrations (leaked) + 10 live", 10, big),
+                 (f"{big:,} live registrations", big, 0))
+    rows: list[Row] = []
+    p99: dict[str, float] = {}
+    with private_redis() as (server, client), workdir() as wd:
+        for label, live, expired in scenarios:
+            client.flushall()
+            load_registrations(client, live, expires_in=86_400)
+            if expired:
+                load_registrations(client, expired, expires_in=-3600, key_ttl=None, pid_base=10_000_000)
+            ms = _latencies(server.url, wd, live, scrapes, gap, [])
+            p99[label] = percentile(ms, 99)
+            ok = median(ms) <= P50_MS and p99[label] <= P99_MS
+            rows.append(Row("scrape-latency", f"{label}, default config (watcher every 10 s), "
+                                              f"{scrapes} scrapes {gap * 1000:g} ms apart",
+                            ms, "ms", f"p50 <= {P50_MS:g} ms, p99 <= {P99_MS:g} ms", PASS if ok else MISS))
+            if live > 10:
+                quiet = _latencies(server.url, wd, live, scrapes, gap, ["--watch-interval", "3600"])
+                rows.append(Row("scrape-latency", f"{label}, watcher quiet (--watch-interval 3600)",
+                                quiet, "ms"))
+    base = scenarios[0][0]
+    for label, _, _ in scenarios[1:]:
+        ratio = p99[label] / p99[base]
+        rows.append(Row("scrape-latency", f"p99 with {label} / p99 with 10", [ratio], "x",
+                        f"<= {RATIO:g}x", PASS if ratio <= RATIO else MISS))
+    return Report(rows)
+
+
+def _commands_per_scrape(url: str, wd: str, client, n: int, reps: int) -> list[float]:
+    # The watcher reads once at start and then sleeps; no worker is connected, so the observer
+    # sends nothing: what Redis counts between two INFOs is the scrape's own work.
+    with ServeProcess(url, wd, args=["--watch-interval", "3600"]) as sc:
+        sc.wait_served()
+        _wait_details(sc, n, 60 + n / 2_000)
+        time.sleep(0.5)  # the start-up scan of the sidecar's host has finished
+        scraper = Scraper(sc.port)
+        try:
+            scraper.get()
+            out = []
+            for _ in range(reps):
+                before = commands_processed(client)
+                scraper.get()
+                out.append(commands_processed(client) - before - INFO_OVERHEAD)
+            idle_before = commands_processed(client)
+            time.sleep(0.2)
+            idle = commands_processed(client) - idle_before - INFO_OVERHEAD
+            if idle:
+                raise BenchError(f"{idle} Redis commands in 0.2 s with no scrape: the count is not clean")
+            # Redis' own time per scrape: the commands' execution (commandstats usec) over many.
+            client.config_resetstat()
+            for _ in range(reps * 4):
+                scraper.get()
+            usec = sum(v["usec"] for k, v in client.info("commandstats").items()
+                       if k in ("cmdstat_zcount", "cmdstat_zrange"))
+            return out, usec / (reps * 4)
+        finally:
+            scraper.close()
+
+
+def commands(quick: bool) -> Report:
+    sizes = (10, 10_000) if quick else (10, 100_000)
+    reps = 10 if quick else 50
+    counts: dict[int, list[float]] = {}
+    usec: dict[int, float] = {}
+    with private_redis() as (server, client), workdir() as wd:
+        for n in sizes:
+            client.flushall()
+            load_registrations(client, n, expires_in=86_400)
+            counts[n], usec[n] = _commands_per_scrape(server.url, wd, client, n, reps)
+    rows = []
+    for n in sizes:
+        rows.append(Row("scrape-commands", f"Redis commands per scrape, {n:,} live registrations",
+                        counts[n], "cmds"))
+        rows.append(Row("scrape-commands", f"Redis execution time per scrape (commandstats usec of "
+                                           f"ZCOUNT + ZRANGE, mean of {reps * 4}), {n:,} live", [usec[n]], "us"))
+    distinct = sorted({c for values in counts.values() for c in values})
+    rows.append(Row("scrape-commands", f"distinct counts over both sizes: {distinct}",
+                    [float(len(distinct))], "count", "1 (constant)", PASS if len(distinct) == 1 else MISS))
+    return Report(rows)

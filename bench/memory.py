@@ -14,7 +14,7 @@ import uuid
 from redis.asyncio import Redis
 
 from bench.core import (
-    INFO, MIB, NOT_MEASURED, REPO, SIDECAR_HOST, BenchError, Report, Row, ServeProcess, Worker,
+    MIB, NOT_MEASURED, REPO, SIDECAR_HOST, BenchError, Report, Row, ServeProcess, Worker,
     judge, launcher_available, load_registrations, median, metric, metric_sum, private_redis,
     python_env, rss_bytes, stop_process, wait_until, workdir,
 )

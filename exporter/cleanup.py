@@ -14,6 +14,7 @@ worker still owns, exactly as asynq's ClearServerState would have, and never any
   deleted together only after their sorted-set members went: safe on Redis Cluster.
 
 A cleanup that cannot reach Redis stays pending and is retried with backoff until it succeeds.
+Each removal is read back `CONFIRM_AFTER` seconds later and redone if a failover undid it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ REMOVED, KEPT, ABSENT = 1, 0, -1
 
 #: Seconds between discovery scans once the quick first looks found nothing.
 DISCOVERY_BACKOFF = 10.0
+
+#: A removal is read back this many seconds after Redis acknowledged it, from whichever server
+#: is the master by then, and redone if it was undone: replication is asynchronous, so a master
+#: replaced by a replica (Sentinel or Cluster failover) may have taken the write with it.
+CONFIRM_AFTER = 10.0
+
 
 
 class CleanupMetrics:
@@ -168,13 +175,16 @@ class RegistrationStore:
         decision (nothing is touched then), ABSENT when it was already gone.
         """
         servers_seen, workers_seen = seen
-        pipe = self.redis.pipeline(transaction=False)
+        # One script call per sorted set, not a pipeline: redis-py refuses EVALSHA in a Redis
+        # Cluster pipeline (and the two sets live on different nodes anyway). A direct call
+        # also reloads the script after NOSCRIPT, as on a master just promoted by Sentinel.
+        results = []
         if servers_seen is not None:
-            await self._zrem_if(keys=[asynq.SERVERS], args=[member.key, repr(servers_seen)], client=pipe)
+            results.append(int(await self._zrem_if(keys=[asynq.SERVERS],
+                                                   args=[member.key, repr(servers_seen)])))
         if workers_seen is not None:
-            await self._zrem_if(keys=[asynq.WORKERS],
-                                args=[member.sibling("workers").key, repr(workers_seen)], client=pipe)
-        results = [int(r) for r in await pipe.execute()] if len(pipe) else []
+            results.append(int(await self._zrem_if(keys=[asynq.WORKERS],
+                                                   args=[member.sibling("workers").key, repr(workers_seen)])))
         if KEPT in results:
             return KEPT
         # Both members are gone (or were): the per-server keys go too. One hash tag: one slot.
@@ -210,6 +220,7 @@ class Cleanup:
         self._idle = asyncio.Event()
         self._idle.set()
         self.done = asyncio.Event()  # set after every finished cleanup (tests wait on it)
+        self.confirm_after = CONFIRM_AFTER
 
     # ------------------------------------------------------------ sink
 
@@ -405,6 +416,7 @@ class Cleanup:
                 log.warning("%s moved since the decision: a live server owns it; left alone", m.key)
             elif result == REMOVED:
                 removed += 1
+                self._confirm_later(m, seen[m.key])
         self.metrics.removed.labels(reason="worker_exit").inc(removed)
         log.info("worker pid %d on %s exited (%s) leaving its registration: removed %s",
                  w.pid, w.host, exited.outcome, names)
@@ -426,11 +438,33 @@ class Cleanup:
                 if self.cfg.mode == "off":
                     return
                 if await self.store.remove(member, seen) == REMOVED:
+                    self._confirm_later(member, seen)
                     self.metrics.removed.labels(reason="previous_incarnation").inc()
                     log.info("removed %s of an earlier incarnation, expired %.0fs ago",
                              member.key, self._clock() - score)
         except REDIS_FAILURES:
             self.metrics.errors.inc()  # the next hello or start-up scan will find it again
+
+    def _confirm_later(self, member: asynq.Member, seen: tuple[float | None, float | None]) -> None:
+        self._spawn(self._confirm_removed(member, seen), f"confirm-{member.ident}")
+
+    async def _confirm_removed(self, member: asynq.Member, seen: tuple[float | None, float | None]) -> None:
+        """After `confirm_after` seconds, read the removal back and redo it if a failover undid
+        it; a read that fails is retried with backoff until Redis answers."""
+        await asyncio.sleep(self.confirm_after)
+        delay = 0.1
+        while True:
+            try:
+                with self.health.op("confirm a removal"):
+                    if _undone(seen, await self.store.scores(member)):
+                        log.warning("%s is back after its removal (a Redis failover lost the write): "
+                                    "removing it again", member.key)
+                        await self.store.remove(member, seen)
+                return
+            except REDIS_FAILURES:
+                self.metrics.errors.inc()
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, 5.0)
 
     async def remove_host_orphans(self) -> None:
         """At start: expired registrations of this host that no connected worker owns (a worker
@@ -447,6 +481,11 @@ class Cleanup:
             m = _decode_member(key)
             if m is not None and score < now - self.cfg.settle:
                 self._start_orphan_cleanup(m, score)
+
+
+def _undone(seen: tuple[float | None, float | None], now_seen: tuple[float | None, float | None]) -> bool:
+    """A removed registration that is back as it was (not beating since): a lost write."""
+    return now_seen != (None, None) and not _advanced(seen, now_seen)
 
 
 def _advanced(before: tuple[float | None, float | None], after: tuple[float | None, float | None]) -> bool:

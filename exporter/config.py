@@ -138,6 +138,28 @@ def boolean(text: str) -> bool:
     raise ConfigError("expected true or false (1/0, yes/no, on/off)")
 
 
+def parse_sentinels(text: str) -> tuple[tuple[str, int], ...]:
+    """`sentinel-0:26379,sentinel-1:26379` -> ((host, port), ...)."""
+    found = []
+    for part in text.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError("expected HOST:PORT[,HOST:PORT...], e.g. sentinel-0:26379,sentinel-1:26379")
+        found.append((host, int(port)))
+    return tuple(found)
+
+
+def web_config_file(text: str) -> Any:
+    """Read and check an exporter-toolkit web config file (see exporter.webconfig)."""
+    from exporter.webconfig import WebConfigError, load
+
+    try:
+        return load(text)
+    except WebConfigError as e:
+        raise ConfigError(str(e)) from None
+
+
 # ---------------------------------------------------------------- the option table
 
 
@@ -179,9 +201,37 @@ OPTIONS: dict[str, Option] = {
                "argv and the environment.", "PATH"),
         Option("redis-timeout", positive_seconds, 2.0,
                "Timeout of one Redis operation, in seconds.", "SECONDS"),
+        Option("redis-username", nonempty, None,
+               "Redis ACL user (overrides one in the URL); its password comes from "
+               "--redis-password-file.", "NAME"),
+        Option("redis-tls-ca-file", readable_file, None,
+               "PEM CA certificate(s) that Redis's certificate must chain to (rediss:// only). "
+               "Default: the system's CAs.", "PATH"),
+        Option("redis-tls-cert-file", readable_file, None,
+               "PEM client certificate, for a Redis with tls-auth-clients (rediss:// only; needs "
+               "--redis-tls-key-file).", "PATH"),
+        Option("redis-tls-key-file", readable_file, None,
+               "PEM private key of --redis-tls-cert-file.", "PATH"),
+        Option("redis-tls-insecure-skip-verify", boolean, False,
+               "Do not check Redis's certificate or host name (the link is still encrypted); "
+               "for tests only.", switch=True),
+        Option("redis-sentinel", parse_sentinels, None,
+               "Find the master through these Sentinels; --redis-url then gives only the scheme "
+               "(rediss:// for TLS), user, password and database.", "HOST:PORT,..."),
+        Option("redis-sentinel-master", nonempty, None,
+               "Name of the master that the Sentinels monitor (with --redis-sentinel).", "NAME"),
+        Option("redis-sentinel-password-file", readable_file, None,
+               "Read the Sentinels' own password (their requirepass) from this file.", "PATH"),
+        Option("redis-cluster", boolean, False,
+               "Redis Cluster: --redis-url names one node, from which the others are discovered.",
+               switch=True),
         # HTTP
         Option("listen", parse_listen, ("0.0.0.0", 10050),
                "Address of the HTTP server (/metrics, /healthz, /readyz).", "HOST:PORT"),
+        Option("web-config-file", web_config_file, None,
+               "TLS and basic auth of the HTTP server, in the Prometheus exporter-toolkit format "
+               "(tls_server_config, basic_auth_users); read once at start. /healthz stays open "
+               "to probes without basic auth (docs/endpoint-security.md).", "PATH"),
         # lifecycle socket
         Option("socket", nonempty, "/run/asynq-sidecar/lifecycle.sock",
                "Unix socket on which workers and launchers report their lifecycle.", "PATH"),
@@ -234,8 +284,11 @@ OPTIONS: dict[str, Option] = {
 }
 
 GROUPS: dict[str, tuple[str, ...]] = {
-    "redis": ("redis-url", "redis-password-file", "redis-timeout"),
-    "http": ("listen",),
+    "redis": ("redis-url", "redis-password-file", "redis-timeout", "redis-username",
+              "redis-tls-ca-file", "redis-tls-cert-file", "redis-tls-key-file",
+              "redis-tls-insecure-skip-verify", "redis-sentinel", "redis-sentinel-master",
+              "redis-sentinel-password-file", "redis-cluster"),
+    "http": ("listen", "web-config-file"),
     "socket": ("socket", "socket-mode", "max-connections", "hello-timeout"),
     "worker": ("hostname", "watch-interval", "poll-interval", "shutdown-budget"),
     "cleanup": ("cleanup", "settle", "sweep-interval", "grace"),
@@ -292,7 +345,33 @@ def resolve(ns: argparse.Namespace, names: Sequence[str], environ: Mapping[str, 
         except ConfigError as e:
             shown = raw if len(raw) <= 200 else raw[:200] + "..."
             raise ConfigError(f"{source}: invalid value {shown!r}: {e}") from None
+    _check_redis_combination(values)
     return values
+
+
+def _check_redis_combination(v: Mapping[str, Any]) -> None:
+    """Redis options that make sense only together, or not together."""
+    if "redis_url" not in v:
+        return
+    parts = urlsplit(v["redis_url"])
+    tls_files = [f for f in ("redis-tls-ca-file", "redis-tls-cert-file", "redis-tls-key-file",
+                             "redis-tls-insecure-skip-verify") if v.get(f.replace("-", "_"))]
+    if tls_files and parts.scheme != "rediss":
+        raise ConfigError(f"--{tls_files[0]} needs TLS: give --redis-url with scheme rediss://")
+    if bool(v.get("redis_tls_cert_file")) != bool(v.get("redis_tls_key_file")):
+        raise ConfigError("--redis-tls-cert-file and --redis-tls-key-file go together: give both")
+    if bool(v.get("redis_sentinel")) != bool(v.get("redis_sentinel_master")):
+        raise ConfigError("--redis-sentinel and --redis-sentinel-master go together: give both")
+    if v.get("redis_sentinel_password_file") and not v.get("redis_sentinel"):
+        raise ConfigError("--redis-sentinel-password-file needs --redis-sentinel")
+    if v.get("redis_cluster") and v.get("redis_sentinel"):
+        raise ConfigError("--redis-cluster and --redis-sentinel exclude each other: a cluster "
+                          "fails over by itself")
+    if (v.get("redis_cluster") or v.get("redis_sentinel")) and parts.scheme == "unix":
+        raise ConfigError("--redis-url: a unix:// socket cannot be used with --redis-cluster or "
+                          "--redis-sentinel")
+    if v.get("redis_cluster") and parts.path.strip("/") not in ("", "0"):
+        raise ConfigError("--redis-url: Redis Cluster has database 0 only")
 
 
 # ---------------------------------------------------------------- typed configs
@@ -312,22 +391,54 @@ class RedisConfig:
     url: str = field(repr=False)
     password: str | None = field(default=None, repr=False)
     timeout: float = 2.0
+    username: str | None = None  # overrides a user in the URL
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_insecure_skip_verify: bool = False
+    sentinels: tuple[tuple[str, int], ...] = ()  # non-empty: find the master through these
+    sentinel_master: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+    cluster: bool = False
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "rediss"
 
     @property
     def display_url(self) -> str:
         """The URL with any password replaced by ***: the only form that is ever logged."""
-        return _mask_url(self.url)
+        if self.sentinels:
+            parts = urlsplit(self.url)
+            user = self.username or parts.username
+            addrs = ",".join(f"{h}:{p}" for h, p in self.sentinels)
+            db = parts.path.strip("/") or "0"
+            return f"{parts.scheme}+sentinel://{user + '@' if user else ''}{addrs}/{self.sentinel_master}/{db}"
+        return _mask_url(self.url) + (" (cluster)" if self.cluster else "")
 
     def __repr__(self) -> str:  # never show a secret
-        return f"RedisConfig(url={self.display_url!r}, password={'***' if self.password else None}, timeout={self.timeout})"
+        return (f"RedisConfig(url={self.display_url!r}, password={'***' if self.password else None}, "
+                f"timeout={self.timeout}, username={self.username!r}, tls={self.tls}, "
+                f"sentinel_password={'***' if self.sentinel_password else None}, cluster={self.cluster})")
 
     @classmethod
     def from_values(cls, v: Mapping[str, Any]) -> RedisConfig:
-        password = None
-        if v.get("redis_password_file"):
-            with open(v["redis_password_file"], encoding="utf-8") as f:
-                password = f.read().strip("\r\n")
-        return cls(url=v["redis_url"], password=password, timeout=v["redis_timeout"])
+        return cls(url=v["redis_url"], password=_read_secret(v.get("redis_password_file")),
+                   timeout=v["redis_timeout"], username=v.get("redis_username"),
+                   tls_ca_file=v.get("redis_tls_ca_file"), tls_cert_file=v.get("redis_tls_cert_file"),
+                   tls_key_file=v.get("redis_tls_key_file"),
+                   tls_insecure_skip_verify=bool(v.get("redis_tls_insecure_skip_verify")),
+                   sentinels=v.get("redis_sentinel") or (), sentinel_master=v.get("redis_sentinel_master"),
+                   sentinel_password=_read_secret(v.get("redis_sentinel_password_file")),
+                   cluster=bool(v.get("redis_cluster")))
+
+
+def _read_secret(path: str | None) -> str | None:
+    """A password file's content without its trailing line break."""
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip("\r\n")
 
 
 @dataclass(frozen=True)
@@ -378,6 +489,7 @@ class ServeConfig:
     watch_interval: float = 10.0
     poll_interval: float = 1.0
     shutdown_budget: float = 25.0
+    web: Any = None  # exporter.webconfig.WebConfig from --web-config-file, or None
 
     @classmethod
     def from_values(cls, v: Mapping[str, Any]) -> ServeConfig:
@@ -391,6 +503,7 @@ class ServeConfig:
             watch_interval=v["watch_interval"],
             poll_interval=v["poll_interval"],
             shutdown_budget=v["shutdown_budget"],
+            web=v.get("web_config_file"),
         )
 
 

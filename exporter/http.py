@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -24,9 +25,11 @@ LANDING = """<!doctype html>
 
 
 def build_app(registry: CollectorRegistry, *, before_scrape: Callable[[], Awaitable[None]],
-              redis_ready: Callable[[], Awaitable[bool]]) -> web.Application:
+              redis_ready: Callable[[], Awaitable[bool]],
+              middlewares: Sequence[Any] = ()) -> web.Application:
     """`before_scrape` refreshes what a scrape must show fresh (O(1) Redis reads);
-    `redis_ready` answers whether Redis can be reached now."""
+    `redis_ready` answers whether Redis can be reached now; `middlewares` (from
+    --web-config-file) wrap every path."""
 
     async def index(request: web.Request) -> web.Response:
         return web.Response(text=LANDING.format(version=__version__), content_type="text/html")
@@ -51,7 +54,7 @@ def build_app(registry: CollectorRegistry, *, before_scrape: Callable[[], Awaita
             return web.Response(text="ok: redis reachable\n")
         return web.Response(status=503, text="not ready: redis unreachable\n")
 
-    app = web.Application()
+    app = web.Application(middlewares=list(middlewares))
     app.router.add_get("/", index)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)

@@ -25,7 +25,7 @@ from exporter.lifecycle import Decision, Event, Tracker
 from exporter.lifecycle_metrics import LifecycleLog, LifecycleMetrics
 from exporter.lifesocket import LifecycleSocket
 from exporter.metrics import RegistryCollector, new_registry
-from exporter.redisconn import connect
+from exporter.redisconn import SentinelMaster, connect
 from exporter.registry import DetailsWatcher, RegistryCounts
 
 log = logging.getLogger("exporter.sidecar")
@@ -85,7 +85,8 @@ class Sidecar:
         host, port = self.http_address
         host = "127.0.0.1" if host in ("0.0.0.0", "") else host
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{port}"
+        scheme = self.cfg.web.scheme if self.cfg.web is not None else "http"
+        return f"{scheme}://{host}:{port}"
 
     async def __aenter__(self) -> Sidecar:
         try:
@@ -129,6 +130,8 @@ class Sidecar:
         self._stack.push_async_callback(self._cancel_tasks)
         self.spawn(self.watcher.run(), "details-watcher")
         self.spawn(self._apply_events(), "lifecycle-events")
+        if isinstance(self.redis, SentinelMaster):  # leave a demoted master within a poll
+            self.spawn(self.redis.follow_master(cfg.poll_interval), "sentinel-master")
 
         self.cleanup = Cleanup(self.redis, self.health, cfg.cleanup, registry=self.registry,
                                submit=self.submit, spawn=self.spawn, poll_interval=cfg.poll_interval,
@@ -143,17 +146,22 @@ class Sidecar:
         self.lifesocket = await self._stack.enter_async_context(LifecycleSocket(
             cfg.socket, submit=self.submit, new_conn_id=self.new_conn_id, stats=self.lifecycle_metrics))
 
-        app = build_app(self.registry, before_scrape=self.counts.refresh, redis_ready=self._redis_ready)
+        web_cfg = cfg.web  # --web-config-file: TLS and basic auth, or None
+        app = build_app(self.registry, before_scrape=self.counts.refresh, redis_ready=self._redis_ready,
+                        middlewares=web_cfg.middlewares(self.registry) if web_cfg is not None else ())
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                shutdown_timeout=1.0)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
         host, port = cfg.listen
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True,
+                           ssl_context=web_cfg.ssl_context() if web_cfg is not None else None)
         await site.start()
         self.http_address = runner.addresses[0][:2]
         log.info("asynq-sidecar %s serving %s/metrics (redis %s, host %s)", __version__,
                  self.http_url, cfg.redis.display_url, cfg.hostname)
+        if web_cfg is not None:
+            log.info("web config %s", web_cfg.describe())
 
     async def _redis_ready(self) -> bool:
         try:

@@ -92,7 +92,13 @@ class Worker:
         os.kill(self.proc.pid, sig)
 
     async def wait(self, timeout: float = 10.0) -> int:
-        return await asyncio.wait_for(self.proc.wait(), timeout)
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            raise AssertionError(f"pid {self.pid} still running after {timeout}s; stderr:\n"
+                                 f"{await self.stderr()}") from None
 
     async def stderr(self) -> str:
         if self.proc.stderr is None or self.proc.returncode is None:

@@ -64,7 +64,6 @@ DISCOVERY_BACKOFF = 10.0
 CONFIRM_AFTER = 10.0
 
 
-
 class CleanupMetrics:
     """The cleanup's contract metrics, on an injected registry."""
 

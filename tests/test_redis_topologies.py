@@ -19,6 +19,7 @@ import urllib.request
 
 import pytest
 import redis as redis_sync
+import redis.cluster
 
 from exporter import asynq
 from exporter.audit import read_report
@@ -226,7 +227,6 @@ async def test_insecure_skip_verify_connects_without_the_ca(tls_redis, tls_clien
 
 
 def test_the_password_never_shows_in_argv_environment_logs_metrics_or_audit(redis_server, tmp_path):
-    require_tool("redis-cli")  # not needed, but the test reads /proc like an operator would
     admin = redis_sync.Redis.from_url(redis_server.url)
     user = f"leak-test-{secrets.token_hex(4)}"
     password = "pw-" + secrets.token_hex(12)
@@ -310,6 +310,22 @@ async def test_sentinel_finds_the_master(sentinel, make_config):
     client.close()
 
 
+async def test_sentinel_over_tls_with_client_certificates(pki, make_config):  # noqa: F811
+    """Sentinels, master and replica all speak TLS and require client certificates; the
+    Sentinels report the TLS ports, and the sidecar speaks TLS to both."""
+    require_tool("redis-sentinel")
+    setup = SentinelSetup(tls=pki).start()
+    client = setup.client_of(setup.master_port())
+    try:
+        cfg = sentinel_config(setup, url="rediss://ignored:6380/0", sentinel_password=None,
+                              tls_ca_file=str(pki.ca.cert), tls_cert_file=str(pki.client.cert),
+                              tls_key_file=str(pki.client.key))
+        await exercise(cfg, client, make_config)
+    finally:
+        client.close()
+        setup.close()
+
+
 async def test_a_cleanup_pending_while_the_master_is_dead_completes_on_the_promoted_replica(
         sentinel, make_config):
     old = sentinel.master_port()
@@ -360,24 +376,43 @@ async def test_a_sentinel_failover_during_a_settling_cleanup(sentinel, make_conf
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    setup = ClusterSetup(require_tool("redis-cli")).start()
+def cluster(pki):  # noqa: F811 - pytest fixture argument
+    """One cluster for both tests: Redis 7 reports plain ports to plain connections and TLS
+    ports to TLS ones, so it serves redis:// and rediss:// clients alike."""
+    setup = ClusterSetup(require_tool("redis-cli"), tls=pki).start()
     yield setup
     setup.close()
 
 
-async def test_cluster_with_an_acl_user(cluster, make_config):
+def cluster_acl_user(cluster: ClusterSetup) -> str:
     cluster.flushall()
     password = secrets.token_urlsafe(16)
     for node in cluster.nodes:  # ACLs are per node; a cluster does not propagate them
         with redis_sync.Redis(port=node.port) as r:
             add_acl_user(r, password, "+cluster|slots")
+    return password
+
+
+async def test_cluster_with_an_acl_user(cluster, make_config):
+    password = cluster_acl_user(cluster)
     slots = {cluster.node_of(k) for k in (asynq.SERVERS, asynq.WORKERS, asynq.SCHEDULERS)}
     assert len(slots) == 3  # the three sets live on three different nodes
-    client = cluster.client()
+    client = redis_sync.cluster.RedisCluster.from_url(cluster.nodes[0].url, socket_timeout=5)
     try:
-        cfg = RedisConfig(url=cluster.url.replace("redis://", f"redis://{USER}@"), password=password,
-                          timeout=2.0, cluster=True)
+        cfg = RedisConfig(url=cluster.nodes[0].url.replace("redis://", f"redis://{USER}@"),
+                          password=password, timeout=2.0, cluster=True)
+        await exercise(cfg, client, make_config)
+    finally:
+        client.close()
+
+
+async def test_cluster_over_tls_with_client_certificates(cluster, pki, make_config):  # noqa: F811
+    password = cluster_acl_user(cluster)
+    client = cluster.client()  # TLS too
+    try:
+        cfg = RedisConfig(url=cluster.url.replace("rediss://", f"rediss://{USER}@"), password=password,
+                          timeout=2.0, cluster=True, tls_ca_file=str(pki.ca.cert),
+                          tls_cert_file=str(pki.client.cert), tls_key_file=str(pki.client.key))
         await exercise(cfg, client, make_config)
     finally:
         client.close()

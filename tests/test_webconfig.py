@@ -18,8 +18,10 @@ import pytest
 from exporter import webconfig
 from exporter.sidecar import Sidecar
 from exporter.webconfig import BasicAuth, WebConfigError
-from tests.pki import PKI, pki  # noqa: F401 - the fixture
+from tests.conftest import require_tool
 from tests.helpers import samples
+from tests.pki import PKI, pki  # noqa: F401 - the fixture
+from tests.prom import Prometheus
 
 ROOT = Path(__file__).resolve().parents[1]
 USER, PASSWORD = "prometheus", "correct horse battery staple"
@@ -277,3 +279,51 @@ async def test_tls13_minimum_refuses_a_tls12_client(tmp_path, pki, make_config):
         assert (await get(sc.http_url + "/healthz", ctx=client_ssl(pki)))[0] == 200
         with pytest.raises((aiohttp.ClientError, ssl.SSLError)):
             await get(sc.http_url + "/healthz", ctx=client_ssl(pki, max_version=ssl.TLSVersion.TLSv1_2))
+
+
+# ---------------------------------------------------------------- what a real Prometheus sees
+
+
+class SecurePrometheus(Prometheus):
+    """Scrapes one target over HTTPS with a client certificate, twice: as `good` with the right
+    password and as `bad` with a wrong one."""
+
+    def __init__(self, *args, pki: PKI, password_files: dict[str, Path], **kwargs) -> None:  # noqa: F811
+        super().__init__(*args, **kwargs)
+        self.pki = pki
+        self.password_files = password_files
+
+    def config(self) -> dict:
+        config = super().config()
+        tls = {"ca_file": str(self.pki.ca.cert), "cert_file": str(self.pki.client.cert),
+               "key_file": str(self.pki.client.key), "server_name": "localhost"}
+        config["scrape_configs"] = [
+            {"job_name": job, "scheme": "https", "tls_config": tls,
+             "basic_auth": {"username": USER, "password_file": str(path)},
+             "static_configs": [{"targets": self.targets}]}
+            for job, path in self.password_files.items()]
+        return config
+
+
+@pytest.mark.e2e
+async def test_a_real_prometheus_scrapes_over_mutual_tls_with_basic_auth(locked_down, pki, tmp_path):  # noqa: F811
+    binary = require_tool("prometheus")
+    files = {"good": tmp_path / "good", "bad": tmp_path / "bad"}
+    files["good"].write_text(PASSWORD)
+    files["bad"].write_text("not " + PASSWORD)
+    async with Sidecar(locked_down(client_auth="RequireAndVerifyClientCert")) as sc:
+        _, port = sc.http_address
+        prom = SecurePrometheus(binary, tmp_path / "prometheus", [f"127.0.0.1:{port}"], pki=pki,
+                                password_files=files)
+        await asyncio.to_thread(prom.start)  # from a thread: this loop keeps serving scrapes
+        try:
+            up = await prom.eventually(lambda: len(v := prom.values("up")) == 2 and v, timeout=30,
+                                       what="both jobs scraped")
+            assert {dict(k)["job"]: v for k, v in up.items()} == {"good": 1.0, "bad": 0.0}
+            redis_up = await asyncio.to_thread(prom.values, "asynq_sidecar_redis_up")
+            assert [dict(k)["job"] for k in redis_up] == ["good"]
+            targets = (await asyncio.to_thread(prom.api, "targets"))["activeTargets"]
+            errors = {t["labels"]["job"]: t["lastError"] for t in targets}
+            assert errors["good"] == "" and "401" in errors["bad"], errors
+        finally:
+            await asyncio.to_thread(prom.close)

@@ -34,6 +34,11 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
             "SIGTERM/SIGINT, exited; forward signals; exit with its status. --serve runs the "
             "sidecar in the same process.",
             SERVE_OPTIONS + ("serve",)),
+    "demo": ("exporter.demo",
+             "Play the whole story on a private Redis: workers start, stop gracefully, get killed, "
+             "leak their registration like asynq #979; the sidecar measures and cleans up. Exit 0 "
+             "when every step behaved as expected.",
+             ("listen", "hostname", "log-level", "log-format")),
     "emulate": ("exporter.emulator",
                 "Run an emulated Asynq server that registers in Redis exactly as asynq does "
                 "(for the demo and tests).",
@@ -61,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands whose modules add arguments beyond the option table (positional CMD, etc.).
-_EXTRA_ARGS: set[str] = {"emulate", "run"}
+_EXTRA_ARGS: set[str] = {"demo", "emulate", "run"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

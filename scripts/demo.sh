@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh demo
-exec .venv/bin/python -m exporter.devserve "$@"
+exec .venv/bin/asynq-sidecar demo "$@"

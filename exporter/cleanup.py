@@ -219,6 +219,7 @@ class Cleanup:
         self._idle = asyncio.Event()
         self._idle.set()
         self.done = asyncio.Event()  # set after every finished cleanup (tests wait on it)
+        self.last_finished_at = 0.0  # time.monotonic() when the last cleanup ended
         self.confirm_after = CONFIRM_AFTER
 
     # ------------------------------------------------------------ sink
@@ -246,6 +247,10 @@ class Cleanup:
         self._pending.discard(task)
         if not self._pending:
             self._idle.set()
+
+    @property
+    def idle(self) -> bool:
+        return self._idle.is_set()
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no cleanup is in progress; False if `timeout` passed first."""
@@ -364,6 +369,7 @@ class Cleanup:
         finally:
             if pending_counted:
                 self.metrics.pending.dec()
+            self.last_finished_at = time.monotonic()
             self.done.set()
 
     async def _cleanup_once(self, watch: Watch, exited: WorkerExited) -> None:

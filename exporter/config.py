@@ -251,6 +251,10 @@ OPTIONS: dict[str, Option] = {
         Option("poll-interval", positive_seconds, 1.0,
                "How often the registration of each watched worker is checked (O(1) commands).",
                "SECONDS"),
+        Option("stop-timeout", seconds_or_zero, 20.0,
+               "On SIGTERM (and in `run --serve` once the worker has exited), keep watching and "
+               "serving until every worker has exited, its cleanup is done and one more scrape has "
+               "read the final state; at most this many seconds (0: stop at once).", "SECONDS"),
         Option("shutdown-budget", positive_seconds, 25.0,
                "The time a shutdown should fit in (a 30 s pod grace period minus a margin).",
                "SECONDS"),
@@ -290,8 +294,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
               "redis-sentinel-password-file", "redis-cluster"),
     "http": ("listen", "web-config-file"),
     "socket": ("socket", "socket-mode", "max-connections", "hello-timeout"),
-    "worker": ("hostname", "watch-interval", "poll-interval", "shutdown-budget"),
-    "cleanup": ("cleanup", "settle", "sweep-interval", "grace"),
+    "worker": ("hostname", "watch-interval", "poll-interval", "shutdown-budget", "stop-timeout"),
+    "cleanup": ("cleanup", "settle", "sweep-interval", "grace", "sweep-batch"),
     "log": ("log-level", "log-format"),
 }
 SERVE_OPTIONS = GROUPS["redis"] + GROUPS["http"] + GROUPS["socket"] + GROUPS["worker"] + GROUPS["cleanup"] + GROUPS["log"]
@@ -471,11 +475,12 @@ class CleanupConfig:
     settle: float = 6.0
     sweep_interval: float = 0.0
     sweep_grace: float = 60.0
+    sweep_batch: int = 500
 
     @classmethod
     def from_values(cls, v: Mapping[str, Any]) -> CleanupConfig:
         return cls(mode=v["cleanup"], settle=v["settle"], sweep_interval=v["sweep_interval"],
-                   sweep_grace=v["grace"])
+                   sweep_grace=v["grace"], sweep_batch=v["sweep_batch"])
 
 
 @dataclass(frozen=True)
@@ -489,6 +494,7 @@ class ServeConfig:
     watch_interval: float = 10.0
     poll_interval: float = 1.0
     shutdown_budget: float = 25.0
+    stop_timeout: float = 20.0
     web: Any = None  # exporter.webconfig.WebConfig from --web-config-file, or None
 
     @classmethod
@@ -503,6 +509,7 @@ class ServeConfig:
             watch_interval=v["watch_interval"],
             poll_interval=v["poll_interval"],
             shutdown_budget=v["shutdown_budget"],
+            stop_timeout=v["stop_timeout"],
             web=v.get("web_config_file"),
         )
 

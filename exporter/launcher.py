@@ -148,7 +148,10 @@ async def launch(cmd: Sequence[str], *, host: str, socket_path: str | None = Non
 
                 def reporter_for(pid: int, started_at: float) -> Reporter:
                     return LifecycleClient(path, host=host, pid=pid, started_at=started_at)
-            return await supervise(cmd, reporter_for, signals)
+            status = await supervise(cmd, reporter_for, signals)
+            if serve is not None:  # clean up after the worker and let a scrape see its end
+                await sidecar.linger(serve.stop_timeout)
+            return status
     finally:
         for sig in FORWARDED:
             loop.remove_signal_handler(sig)

@@ -27,6 +27,7 @@ from exporter.lifesocket import LifecycleSocket
 from exporter.metrics import RegistryCollector, new_registry
 from exporter.redisconn import SentinelMaster, connect
 from exporter.registry import DetailsWatcher, RegistryCounts
+from exporter.sweep import Sweeper, sweep_periodically
 
 log = logging.getLogger("exporter.sidecar")
 
@@ -59,6 +60,9 @@ class Sidecar:
         self.sinks: list[Sink] = []
         self._events: asyncio.Queue[tuple[Event, float]] = asyncio.Queue()
         self._next_conn = 0
+        self._changed = asyncio.Event()  # set whenever lifecycle state or a scrape moved
+        self._last_change = 0.0  # time.monotonic() of the last applied lifecycle event
+        self._last_scrape: float | None = None  # time.monotonic() when the last scrape began
 
     def new_conn_id(self) -> int:
         """A fresh id for a lifecycle connection (socket or in-process launcher)."""
@@ -78,6 +82,47 @@ class Sidecar:
                         sink.handle(decision, at)
                     except Exception:  # a sink's bug must not stop tracking
                         log.exception("sink %s failed on %s", type(sink).__name__, type(decision).__name__)
+            self._last_change = time.monotonic()
+            self._changed.set()
+
+    async def _before_scrape(self) -> None:
+        self._last_scrape = time.monotonic()
+        self._changed.set()
+        await self.counts.refresh()
+
+    def _settled(self) -> bool:
+        """No live worker, no cleanup in progress, and (when anything scrapes this sidecar)
+        a scrape has begun since the last change, so Prometheus has read the final state."""
+        if any(n for n in self.tracker.counts().values()) or not self.cleanup.idle:
+            return False
+        if self._last_scrape is None:
+            return True  # nobody scrapes: no final scrape to wait for
+        return self._last_scrape > max(self._last_change, self.cleanup.last_finished_at)
+
+    async def linger(self, timeout: float) -> bool:
+        """Keep running until `_settled()` or `timeout` seconds; True if it settled.
+
+        Called on SIGTERM, and by `run --serve` after the worker exited: the worker's exit is
+        cleaned up and its shutdown is scraped before the pod goes away.
+        """
+        deadline = time.monotonic() + timeout
+        if not self._settled():
+            log.info("stopping: waiting up to %.0fs for %d worker(s) to exit, cleanups and a final scrape",
+                     timeout, sum(self.tracker.counts().values()))
+        while not self._settled():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("stop timeout: leaving with %d worker(s) live, cleanup %s",
+                            sum(self.tracker.counts().values()),
+                            "idle" if self.cleanup.idle else "in progress")
+                return False
+            self._changed.clear()
+            try:
+                # Woken by events and scrapes; a cleanup ending is noticed within 0.1 s.
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.1))
+            except TimeoutError:
+                pass
+        return True
 
     @property
     def http_url(self) -> str:
@@ -139,6 +184,11 @@ class Sidecar:
         self.sinks.append(self.cleanup)
         self.spawn(self.cleanup.observe_forever(), "registration-observer")
         self.spawn(self.cleanup.remove_host_orphans(), "host-orphans")
+        if cfg.cleanup.sweep_interval > 0:
+            sweeper = Sweeper(self.redis, self.health, grace=cfg.cleanup.sweep_grace,
+                              batch=cfg.cleanup.sweep_batch, dry_run=cfg.cleanup.mode == "dry-run")
+            removed = self.cleanup.metrics.removed.labels(reason="sweep")
+            self.spawn(sweep_periodically(sweeper, cfg.cleanup.sweep_interval, removed.inc), "sweep")
 
         # The lifecycle socket: its connections are sources; metrics and edge logs are sinks.
         self.lifecycle_metrics = LifecycleMetrics(self.registry, self.tracker, cfg.shutdown_budget)
@@ -147,7 +197,7 @@ class Sidecar:
             cfg.socket, submit=self.submit, new_conn_id=self.new_conn_id, stats=self.lifecycle_metrics))
 
         web_cfg = cfg.web  # --web-config-file: TLS and basic auth, or None
-        app = build_app(self.registry, before_scrape=self.counts.refresh, redis_ready=self._redis_ready,
+        app = build_app(self.registry, before_scrape=self._before_scrape, redis_ready=self._redis_ready,
                         middlewares=web_cfg.middlewares(self.registry) if web_cfg is not None else ())
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                shutdown_timeout=1.0)
@@ -177,10 +227,11 @@ async def serve_until_signalled(cfg: ServeConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with Sidecar(cfg):
+    async with Sidecar(cfg) as sidecar:
         await stop.wait()
         log.info("stopping")
         started = time.monotonic()
+        await sidecar.linger(cfg.stop_timeout)
     log.info("stopped in %.3fs", time.monotonic() - started)
     return 0
 

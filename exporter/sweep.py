@@ -491,3 +491,26 @@ async def _sweep(cfg: RedisConfig, *, grace: float, dry_run: bool, batch: int) -
         return await sweeper.sweep_once()
     finally:
         await redis.aclose()
+
+
+async def sweep_periodically(sweeper: Sweeper, interval: float,
+                             on_removed: Callable[[int], None]) -> None:
+    """`serve --sweep-interval`: sweep every `interval` seconds, forever.
+
+    `on_removed` gets the number of registrations each sweep removed: server members plus
+    scheduler members (a server's workers member is part of the same registration), also
+    for a sweep that Redis cut short. A failure is counted by the sweeper's health and
+    retried at the next interval.
+    """
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            report = await sweeper.sweep_once()
+        except SweepFailed as e:
+            report = e.report
+        on_removed(registrations_removed(report))
+
+
+def registrations_removed(report: SweepReport) -> int:
+    """Registrations (not members) a sweep removed: each server counts once, as each scheduler."""
+    return len(report.sets["servers"].removed) + len(report.sets["schedulers"].removed)

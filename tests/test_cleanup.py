@@ -263,3 +263,51 @@ def test_interleavings_never_remove_an_entry_that_beat_after_the_decision(redis_
         await client.aclose()
 
     asyncio.run(scenario())
+
+
+async def test_serve_sweeps_periodically_when_asked(rdb, make_config):
+    now = time.time()
+    old = [register_server(rdb, f"gone-{i}", 1, f"s{i}", now - 120, with_keys=False) for i in range(3)]
+    recent = register_server(rdb, "recent", 1, "r", now - 5, with_keys=False)  # within the grace
+    cfg = make_config(cleanup=CleanupConfig(sweep_interval=0.1, sweep_grace=60))
+    async with Sidecar(cfg) as sc:
+        await eventually(lambda: metric(sc, "asynq_sidecar_registrations_removed_total", reason="sweep") == 3,
+                         what="a periodic sweep")
+    assert not any(registration_present(rdb, m) for m in old)
+    assert registration_present(rdb, recent)
+
+
+async def test_on_stop_the_sidecar_lingers_until_the_worker_exited_and_was_cleaned_up(rdb, make_config):
+    async with Sidecar(make_config()) as sc:
+        conn, m = await start_worker(sc, rdb, 1, "s1")
+        lingering = asyncio.create_task(sc.linger(10))
+        await asyncio.sleep(0.2)  # a stop signal with a live worker: it must not return yet
+        assert not lingering.done()
+        sc.submit(Exited(conn, signal="SIGKILL"))
+        assert await asyncio.wait_for(lingering, 5) is True
+        assert gone_entirely(rdb, m)  # the cleanup finished before the sidecar would stop
+
+
+async def test_lingering_waits_for_a_final_scrape_when_something_scrapes(rdb, make_config):
+    from tests.helpers import scrape, value
+
+    async with Sidecar(make_config()) as sc:
+        conn, _ = await start_worker(sc, rdb, 1, "s1")
+        await scrape(sc.http_url)  # a Prometheus scrapes this sidecar
+        sc.submit(Exited(conn, code=0))
+        lingering = asyncio.create_task(sc.linger(10))
+        await eventually(sc.cleanup.done.is_set, what="the cleanup")
+        await asyncio.sleep(0.2)
+        assert not lingering.done()  # the exit has not been scraped yet
+        text = await scrape(sc.http_url)
+        assert value(text, "asynq_sidecar_worker_exits_total", outcome="graceful") == 1
+        assert await asyncio.wait_for(lingering, 2) is True
+        assert await sc.linger(0) is True  # settled: returns at once
+
+
+async def test_lingering_gives_up_at_its_timeout(rdb, make_config):
+    async with Sidecar(make_config()) as sc:
+        await start_worker(sc, rdb, 1, "s1")
+        started = time.monotonic()
+        assert await sc.linger(0.3) is False
+        assert 0.3 <= time.monotonic() - started < 1.0

@@ -160,6 +160,13 @@ async def test_serve_runs_the_whole_sidecar_in_the_launcher_process(redis_url, t
     await w.expect("stopping SIGTERM")
     text = await scrape(url)  # still serving while the worker drains
     assert value(text, "asynq_sidecar_workers", state="stopping") == 1
+
+    async def final_state_scraped():
+        t = await scraped()
+        return t is not None and value(t, "asynq_sidecar_worker_exits_total", outcome="graceful") == 1
+
+    # The launcher lingers after the worker exits until a scrape has read the exit.
+    await eventually(final_state_scraped, timeout=10, what="a scrape of the worker's exit")
     assert await w.wait() == 0
     log = await w.stderr()
     assert f"worker started: {HOST} pid {child}" in log

@@ -476,11 +476,15 @@ class Cleanup:
         that died while the sidecar was down) are removed, if expired for longer than settle."""
         if not self.hostname:
             return
-        try:
-            with self.health.op("scan this host's registrations"):
-                candidates = await self.store.host_candidates(self.hostname)
-        except REDIS_FAILURES:
-            return
+        delay = 0.5
+        while True:  # Redis may be down at start: keep trying, with backoff
+            try:
+                with self.health.op("scan this host's registrations"):
+                    candidates = await self.store.host_candidates(self.hostname)
+                break
+            except REDIS_FAILURES:
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, 30.0)
         now = self._clock()
         for key, score in candidates.items():
             m = _decode_member(key)

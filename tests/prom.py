@@ -184,7 +184,7 @@ class Prometheus:
         """Every loaded rule, flattened over groups."""
         return [rule for group in self.api("rules")["groups"] for rule in group["rules"]]
 
-    def targets(self) -> list[dict[str, Any]]:
+    def active_targets(self) -> list[dict[str, Any]]:
         return self.api("targets")["activeTargets"]
 
     # ---------------------------------------------------------------- waiting

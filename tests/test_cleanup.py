@@ -311,3 +311,20 @@ async def test_lingering_gives_up_at_its_timeout(rdb, make_config):
         started = time.monotonic()
         assert await sc.linger(0.3) is False
         assert 0.3 <= time.monotonic() - started < 1.0
+
+
+async def test_start_up_scan_waits_for_redis_when_it_is_down_at_start(make_config):
+    server = RedisServer(extra_args=("--appendonly", "yes", "--appendfsync", "always")).start()
+    try:
+        rdb = redis_sync.Redis.from_url(server.url)
+        dead = register_server(rdb, HOST, 7, "died-while-all-was-down", time.time() - 30, with_keys=False)
+        server.stop()
+        cfg = make_config(hostname=HOST, redis=RedisConfig(url=server.url, timeout=0.3))
+        async with Sidecar(cfg) as sc:
+            await eventually(lambda: sc.health.up is False, what="the sidecar to find Redis down")
+            server.start()
+            await eventually(lambda: not registration_present(rdb, dead), timeout=10, what="orphan removed")
+            assert metric(sc, "asynq_sidecar_registrations_removed_total", reason="previous_incarnation") == 1
+        rdb.close()
+    finally:
+        server.close()

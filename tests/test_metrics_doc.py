@@ -7,8 +7,15 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+import aiohttp
+import bcrypt
+
+from exporter import webconfig
 from exporter.sidecar import Sidecar
 from tests.helpers import eventually, scrape
+
+#: Exported only with --web-config-file and basic auth users.
+WEB_ONLY = {"asynq_sidecar_http_requests_refused_total"}
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
 _NAME = re.compile(r"^`([a-z_]+)`$")
@@ -30,14 +37,26 @@ def exposed_name(family) -> str:
     return family.name + "_total" if family.type == "counter" else family.name
 
 
-async def test_every_exported_metric_is_documented_with_its_type_and_labels(make_config):
-    async with Sidecar(make_config()) as sc:
-        await eventually(lambda: sc.watcher.latest, what="a details read")
-        text = await scrape(sc.http_url)
-    exported = {}
+def families(text: str) -> dict[str, tuple[str, frozenset[str]]]:
+    out = {}
     for family in text_string_to_metric_families(text):
         labels = frozenset(k for s in family.samples for k in s.labels if k != "le")
-        exported[exposed_name(family)] = (family.type, labels)
+        out[exposed_name(family)] = (family.type, labels)
+    return out
+
+
+async def test_every_exported_metric_is_documented_with_its_type_and_labels(make_config, tmp_path):
+    async with Sidecar(make_config()) as sc:
+        await eventually(lambda: sc.watcher.latest, what="a details read")
+        exported = families(await scrape(sc.http_url))
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)).decode()
+    (tmp_path / "web.yml").write_text(f"basic_auth_users:\n  prometheus: '{hashed}'\n")
+    async with Sidecar(make_config(web=webconfig.load(str(tmp_path / "web.yml")))) as sc:
+        auth = aiohttp.BasicAuth("prometheus", "pw")
+        async with aiohttp.ClientSession(auth=auth) as s, s.get(sc.http_url + "/metrics") as r:
+            with_web = families(await r.text())
+    assert set(with_web) - set(exported) == WEB_ONLY
+    exported = with_web
     doc = documented()
     assert sorted(set(exported) - set(doc)) == [], "exported but not in docs/metrics.md"
     assert sorted(set(doc) - set(exported)) == [], "in docs/metrics.md but not exported"

@@ -146,3 +146,28 @@ def test_serve_process_stops_within_a_second_on_sigterm(redis_url, tmp_path):
         proc.wait()
     stderr = proc.stderr.read()
     assert '"message": "stopping"' in stderr
+
+
+async def test_scrape_shows_exactly_what_emulated_asynq_servers_registered(ardb, make_config):
+    """Servers registered by the emulator (asynq's heartbeat, byte for byte): three live, two
+    whose last beat was long ago (killed: their ZSET members stay, their keys expired)."""
+    from exporter.emulator import Emulator, EmulatorConfig
+
+    live = [Emulator(ardb, EmulatorConfig(host="pod-a", pid=i, server_id=f"live-{i}", concurrency=5 * i,
+                                          tasks=i)) for i in (1, 2, 3)]
+    dead = [Emulator(ardb, EmulatorConfig(host="pod-b", pid=i, server_id=f"dead-{i}"),
+                     clock=lambda: time.time() - 120) for i in (1, 2)]
+    for e in live + dead:
+        await e.start()
+    for e in dead:  # their per-server keys would have expired 110 s ago
+        await ardb.delete(e.server_member.key, e.workers_member.key)
+    async with Sidecar(make_config()) as sc:
+        await eventually(lambda: sc.watcher.latest, what="a details read")
+        text = await scrape(sc.http_url)
+    for set_name in ("servers", "workers"):
+        assert value(text, "asynq_registry_entries", set=set_name, state="live") == 3
+        assert value(text, "asynq_registry_entries", set=set_name, state="expired") == 2
+    assert 109 <= value(text, "asynq_registry_oldest_expired_seconds", set="servers") <= 112
+    assert value(text, "asynq_registry_servers", status="active") == 3
+    assert value(text, "asynq_registry_concurrency") == 5 + 10 + 15
+    assert value(text, "asynq_registry_active_tasks") == 1 + 2 + 3

@@ -139,8 +139,9 @@ class Demo:
                "--", sys.executable, "-m", "exporter", "emulate", "--redis-url", self.redis_url,
                "--tasks", str(tasks), "--drain", str(DRAIN), "--on-exit", on_exit, "--log-level", "warning"]
         with open(log_path, "wb") as log:
+            # A process group of its own, so that the worker child goes with its launcher.
             proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL,
-                                                        stdout=log, stderr=log)
+                                                        stdout=log, stderr=log, start_new_session=True)
         w = Worker(name, proc, log_path)
         self.workers.append(w)
         return w
@@ -292,7 +293,10 @@ class Demo:
                 w.launcher.send_signal(signal.SIGTERM)
         for w in self.workers:
             if await self.wait_exit(w, timeout=10) is None:
-                w.launcher.kill()
+                try:
+                    os.killpg(w.launcher.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
                 await w.launcher.wait()
 
 

@@ -8,11 +8,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-test,demo}"
 
+python=${PYTHON:-python3}
+
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# Debian's own python3 makes venvs only with python3-venv (ensurepip) installed.
+"$python" -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [[ "$extras" == *test* ]]; then
   command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
   command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+  command -v redis-sentinel >/dev/null 2>&1 || need_apt+=(redis-sentinel)
+  command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)  # the TLS tests' certificates
 fi
 if ((${#need_apt[@]})); then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
@@ -25,12 +31,12 @@ if ((${#need_apt[@]})); then
   fi
 fi
 
-python=${PYTHON:-python3}
 if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   echo "setup: Python 3.11 or newer is needed ($python is $("$python" --version 2>&1))" >&2
   exit 1
 fi
-if [ ! -x .venv/bin/python ]; then
+if [ ! -x .venv/bin/pip ]; then  # also mends a venv made before python3-venv was there
+  rm -rf .venv
   "$python" -m venv .venv
 fi
 stamp=.venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${extras//,/_}

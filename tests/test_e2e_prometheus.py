@@ -53,16 +53,20 @@ class Processes:
 
     async def start(self, *args: str, log: Path) -> asyncio.subprocess.Process:
         with open(log, "ab") as f:
+            # A group of its own: a launcher's worker child is killed with it at the end,
+            # instead of living on (and beating into the shared Redis) as an orphan.
             proc = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.DEVNULL, stdout=f, stderr=f, cwd=ROOT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         self.procs.append(proc)
         return proc
 
     async def close(self) -> None:
         for p in self.procs:
-            if p.returncode is None:
-                p.kill()
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # the launcher and its worker child
+            except ProcessLookupError:
+                pass
         for p in self.procs:
             await p.wait()
 

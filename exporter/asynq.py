@@ -22,6 +22,9 @@ SetName = Literal["servers", "workers", "schedulers"]
 #: The three sorted sets, keyed by the `set` label value used in metrics.
 SETS: dict[str, str] = {"servers": SERVERS, "workers": WORKERS, "schedulers": SCHEDULERS}
 
+#: The values asynq writes in ServerInfo.status (its serverState's String()).
+SERVER_STATUSES = ("new", "active", "stopped", "closed")
+
 HEARTBEAT_INTERVAL = 5.0  # seconds, fixed in asynq
 REGISTRATION_TTL = 10  # seconds: a beat sets score = now + 10 and the per-server keys' TTL to 10 s
 

@@ -15,16 +15,16 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from exporter import __version__
+from exporter import __version__, asynq
 from exporter.health import RedisHealth
 from exporter.registry import DetailsWatcher, RegistryCounts
 
 # `_created` series double the series count and are not used by the dashboards or alerts.
 prometheus_client.disable_created_metrics()
 
-#: Statuses asynq writes in ServerInfo.status; always exported (at 0 when absent) so that
-#: series do not appear and vanish with the fleet.
-KNOWN_STATUSES = ("new", "active", "stopped", "closed")
+#: Statuses always exported (at 0 when absent) so that series do not appear and vanish with the
+#: fleet; "unknown" stands for any value asynq does not write.
+KNOWN_STATUSES = (*asynq.SERVER_STATUSES, "unknown")
 
 
 class RegistryCollector(Collector):
@@ -79,7 +79,7 @@ class RegistryCollector(Collector):
             return
         servers = GaugeMetricFamily("asynq_registry_servers",
                                     "Live servers by ServerInfo.status.", labels=["status"])
-        for status in sorted(set(KNOWN_STATUSES) | set(d.by_status)):
+        for status in KNOWN_STATUSES:
             servers.add_metric([status], d.by_status.get(status, 0))
         yield servers
         yield GaugeMetricFamily("asynq_registry_concurrency",

@@ -137,7 +137,10 @@ async def read_details(redis: Redis, now: float, on_undecodable: Callable[[str],
                 on_undecodable("server_info")
                 continue
             details.servers += 1
-            details.by_status[info.status or "unknown"] += 1
+            # Any other value is folded into "unknown": the label's values stay bounded
+            # whatever is written in Redis.
+            status = info.status if info.status in asynq.SERVER_STATUSES else "unknown"
+            details.by_status[status] += 1
             details.concurrency += info.concurrency
             details.active_tasks += info.active_worker_count
         if len(members) < page:

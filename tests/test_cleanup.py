@@ -163,12 +163,14 @@ async def test_a_newer_incarnation_is_not_claimed_by_the_dead_worker(rdb, make_c
         conn = sc.new_conn_id()
         sc.submit(Hello(conn, pid=1, host=HOST, started_at=time.time()))
         await eventually(lambda: conn in sc.tracker.workers, what="hello applied")
+        # A restarted container (same host and pid) is already registered when the dead
+        # worker's cleanup looks, but it started after that worker's exit.
+        exit_at = time.time()
+        newer = register_server(rdb, HOST, 1, "newer", exit_at + 10, start_time=exit_at + 0.5)
         sc.cleanup.done.clear()
-        sc.submit(Exited(conn, signal="SIGKILL"))  # died before registering
+        sc.submit(Exited(conn, signal="SIGKILL"), at=exit_at)  # died before registering
         await eventually(sc.cleanup.done.is_set, what="cleanup finished")
-        newer = register_server(rdb, HOST, 1, "newer", time.time() + 10, start_time=time.time() + 0.01)
-        # The dead worker's cleanup is over and left the newer incarnation alone.
-        assert registration_present(rdb, newer)
+        assert registration_present(rdb, newer) and rdb.exists(newer.key)
         assert metric(sc, "asynq_sidecar_leaked_registrations_total") == 0
 
 

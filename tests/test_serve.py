@@ -16,7 +16,7 @@ from exporter.config import RedisConfig
 from exporter.redis_server import RedisServer, free_port
 from exporter.sidecar import Sidecar
 from tests.conftest import require_tool
-from tests.helpers import eventually, register_server, scrape, value, wait_until
+from tests.helpers import eventually, register_server, samples, scrape, value, wait_until
 
 
 async def test_counts_and_details_match_what_is_registered(rdb, make_config):
@@ -171,3 +171,16 @@ async def test_scrape_shows_exactly_what_emulated_asynq_servers_registered(ardb,
     assert value(text, "asynq_registry_servers", status="active") == 3
     assert value(text, "asynq_registry_concurrency") == 5 + 10 + 15
     assert value(text, "asynq_registry_active_tasks") == 1 + 2 + 3
+
+
+async def test_server_status_label_values_stay_bounded(rdb, make_config):
+    now = time.time()
+    register_server(rdb, "a", 1, "s1", now + 10, status="active")
+    for i in range(5):  # values asynq never writes must not each become a series
+        register_server(rdb, "x", i, f"odd-{i}", now + 10, status=f"weird-{i}")
+    async with Sidecar(make_config()) as sc:
+        await eventually(lambda: sc.watcher.latest, what="a details read")
+        text = await scrape(sc.http_url)
+    statuses = {labels[0][1] for (name, labels) in samples(text) if name == "asynq_registry_servers"}
+    assert statuses == {"new", "active", "stopped", "closed", "unknown"}
+    assert value(text, "asynq_registry_servers", status="unknown") == 5

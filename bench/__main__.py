@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# asynq-sidecar benchmarks{' (--quick)' if args.quick else ''}", flush=True)
     print(f"machine: {m['cpus']} x {m['model']}; Python {m['python']}; redis-server {m['redis']}; "
           f"load average at start {m['load']}", flush=True)
+    print(f"libraries: {m['libs']}", flush=True)
     rows, extra, broken = [], [], []
     started = time.monotonic()
     for name in names:

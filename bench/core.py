@@ -229,8 +229,14 @@ def machine() -> dict[str, str]:
         redis_version = "unknown"
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
+    from importlib.metadata import PackageNotFoundError, version
+
+    libs = []
+    for dist in ("redis", "hiredis", "aiohttp", "prometheus-client", "protobuf"):
+        with contextlib.suppress(PackageNotFoundError):
+            libs.append(f"{dist} {version(dist)}")
     return {"cpus": str(os.cpu_count()), "model": model, "python": sys.version.split()[0],
-            "redis": redis_version, "load": load}
+            "redis": redis_version, "load": load, "libs": ", ".join(libs)}
 
 
 # ---------------------------------------------------------------- real processes

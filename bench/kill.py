@@ -5,8 +5,9 @@ Real processes: `asynq-sidecar serve` (default config) and, per worker, `asynq-s
 every worker of a batch is registered and older than two observer ticks (so the sidecar knows
 which registration is whose, as for any worker that lived more than a second or two), they are
 killed one at a time: the clock starts just before `kill(child, SIGKILL)` and stops when a tight
-ZSCORE loop (one every ~1 ms, on its own connection) finds the member gone. Nothing else runs on
-the machine's behalf meanwhile: the next batch starts only after the last kill of this one.
+ZSCORE loop (one every ~1 ms, on its own connection) finds the member gone. The next kill waits
+until the previous launcher has exited, and the next batch starts only after the last kill of
+this one, so no start-up or teardown of ours competes with a measurement.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def kill_to_removed(quick: bool) -> Report:
                            10, "the observer to tick")
                 for w in workers:
                     latencies.append(_kill_and_time(client, w))
-                for w in workers:  # the launcher reports the exit, then exits itself
+                    # The launcher reports the exit, then exits itself: let it finish before the
+                    # next kill, so that its teardown does not compete with the next measurement.
                     w.proc.wait(10)
             finally:
                 for w in workers:

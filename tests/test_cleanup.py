@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import pytest
@@ -19,7 +20,7 @@ from exporter.redis_server import RedisServer
 from exporter.sidecar import Sidecar
 from tests.helpers import eventually, register_server
 
-HOST = "pod-a"
+HOST = socket.gethostname()  # a worker shares its pod's host name with the sidecar
 
 
 def metric(sc: Sidecar, name: str, **labels: str) -> float:
@@ -35,6 +36,11 @@ def gone_entirely(rdb, m: asynq.Member) -> bool:
     w = m.sibling("workers")
     return (rdb.zscore(asynq.SERVERS, m.key) is None and rdb.zscore(asynq.WORKERS, w.key) is None
             and not rdb.exists(m.key) and not rdb.exists(w.key))
+
+
+def running(sc: Sidecar, conn: int) -> bool:
+    w = sc.tracker.workers.get(conn)
+    return w is not None and w.state is State.RUNNING
 
 
 def add_tasks(rdb, m: asynq.Member, n: int) -> None:
@@ -330,3 +336,143 @@ async def test_start_up_scan_waits_for_redis_when_it_is_down_at_start(make_confi
         rdb.close()
     finally:
         server.close()
+
+
+# ---------------------------------------------------------------- ownership under doubt
+
+
+class Beating:
+    """Keeps registrations alive the way asynq's heartbeat does: ZADD score+1 every `every` s."""
+
+    def __init__(self, redis_url: str, every: float = 0.1) -> None:
+        self.client = redis_async.Redis.from_url(redis_url)
+        self.every = every
+        self.members: list[asynq.Member] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        score = time.time() + 10
+        while not self._stop.is_set():
+            score += 1
+            for m in self.members:
+                await self.client.zadd(asynq.SERVERS, {m.key: int(score)})
+                await self.client.zadd(asynq.WORKERS, {m.sibling("workers").key: int(score)})
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.every)
+            except TimeoutError:
+                pass
+
+    async def __aenter__(self) -> "Beating":
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._stop.set()
+        await self._task
+        await self.client.aclose()
+
+
+async def test_a_live_server_of_the_same_host_and_pid_that_registered_first_survives_an_exit(
+        rdb, make_config, redis_url):
+    """hostNetwork: pod B's server ({node:1:*}) registers between worker A's hello and A's own
+    registration. A's exit must take A's registration and leave B's, which keeps beating."""
+    async with Sidecar(make_config(cleanup=CleanupConfig(settle=0.4))) as sc, Beating(redis_url) as beat:
+        conn = sc.new_conn_id()
+        sc.submit(Hello(conn, pid=1, host=HOST, started_at=time.time() - 1))
+        other = register_server(rdb, HOST, 1, "pod-b-server", time.time() + 10)
+        beat.members.append(other)
+        await eventually(lambda: running(sc, conn), what="running")
+        mine = register_server(rdb, HOST, 1, "pod-a-server", time.time() + 10)
+        sc.cleanup.done.clear()
+        sc.submit(Exited(conn, signal="SIGKILL"))
+        await eventually(sc.cleanup.done.is_set, timeout=5, what="cleanup finished")
+        assert registration_present(rdb, other) and rdb.exists(other.key)
+        assert gone_entirely(rdb, mine)
+
+
+async def test_a_worker_with_two_servers_leaves_neither_behind(rdb, make_config):
+    async with Sidecar(make_config(cleanup=CleanupConfig(settle=0.3))) as sc:
+        conn, first = await start_worker(sc, rdb, 1, "first")
+        second = register_server(rdb, HOST, 1, "second", time.time() + 10)
+        sc.cleanup.done.clear()
+        sc.submit(Exited(conn, signal="SIGKILL"))
+        await eventually(sc.cleanup.done.is_set, timeout=5, what="cleanup finished")
+        assert gone_entirely(rdb, first) and gone_entirely(rdb, second)
+        assert metric(sc, "asynq_sidecar_registrations_removed_total", reason="worker_exit") == 2
+
+
+async def test_two_workers_with_one_host_and_pid_each_keep_their_own(rdb, make_config, redis_url):
+    """Two PID-1 containers in one pod: when A dies, B's live registration stays and A's goes."""
+    async with Sidecar(make_config(cleanup=CleanupConfig(settle=0.4))) as sc, Beating(redis_url) as beat:
+        a, mine = await start_worker(sc, rdb, 1, "a")
+        b = sc.new_conn_id()
+        sc.submit(Hello(b, pid=1, host=HOST, started_at=time.time()))
+        theirs = register_server(rdb, HOST, 1, "b", time.time() + 10, start_time=time.time() + 0.01)
+        beat.members.append(theirs)
+        await eventually(lambda: running(sc, b), what="B running")
+        sc.cleanup.done.clear()
+        sc.submit(Exited(a, signal="SIGKILL"))
+        await eventually(sc.cleanup.done.is_set, timeout=5, what="A's cleanup finished")
+        assert gone_entirely(rdb, mine)
+        assert registration_present(rdb, theirs)
+
+
+async def test_a_slow_heartbeat_seen_while_alive_lengthens_the_settle_period(rdb, make_config, redis_url):
+    """The observer measures how far apart this worker's beats come; after a lost connection
+    the sidecar waits at least that long, however short --settle is."""
+    async with Sidecar(make_config(cleanup=CleanupConfig(settle=0.2))) as sc, \
+            Beating(redis_url, every=0.7) as beat:
+        conn, m = await start_worker(sc, rdb, 1, "slow")
+        beat.members.append(m)
+        await eventually(lambda: sc.cleanup.watches[conn].max_gap >= 0.6, timeout=5,
+                         what="two beats seen by the observer")
+        sc.cleanup.done.clear()
+        sc.submit(Disconnected(conn))
+        await eventually(sc.cleanup.done.is_set, timeout=5, what="cleanup decision")
+        assert registration_present(rdb, m)
+        assert metric(sc, "asynq_sidecar_leaked_registrations_total") == 0
+
+
+async def test_a_wrong_server_id_falls_back_to_the_start_time(rdb, make_config):
+    async with Sidecar(make_config(cleanup=CleanupConfig(settle=0.3))) as sc:
+        conn = sc.new_conn_id()
+        sc.submit(Hello(conn, pid=1, host=HOST, server_id="not-what-asynq-made", started_at=time.time()))
+        m = register_server(rdb, HOST, 1, "what-asynq-made", time.time() + 10)
+        await eventually(lambda: running(sc, conn), what="running")
+        sc.submit(Exited(conn, signal="SIGKILL"))
+        await eventually(lambda: gone_entirely(rdb, m), timeout=5, what="registration removed")
+
+
+async def test_a_reported_server_id_is_removed_at_once_and_precisely(rdb, make_config):
+    other = register_server(rdb, HOST, 1, "another-server-same-pid", time.time() + 10,
+                            start_time=time.time() - 3600)  # long-lived: not this worker's
+    async with Sidecar(make_config()) as sc:
+        conn = sc.new_conn_id()
+        sc.submit(Hello(conn, pid=1, host=HOST, server_id="mine", started_at=time.time()))
+        m = register_server(rdb, HOST, 1, "mine", time.time() + 10)
+        await eventually(lambda: running(sc, conn), what="running")
+        sc.submit(Exited(conn, signal="SIGKILL"))
+        await eventually(lambda: gone_entirely(rdb, m), timeout=1, what="registration removed")
+    assert registration_present(rdb, other)
+
+
+async def test_a_hello_naming_another_host_gets_nothing_removed(rdb, make_config):
+    theirs = register_server(rdb, "some-other-pod", 1, "s", time.time() + 10)
+    async with Sidecar(make_config(cleanup=CleanupConfig(settle=0.2))) as sc:
+        conn = sc.new_conn_id()
+        sc.submit(Hello(conn, pid=1, host="some-other-pod", started_at=time.time() - 60))
+        await eventually(lambda: conn in sc.tracker.workers, what="hello applied")
+        assert conn not in sc.cleanup.watches  # tracked, but never watched: no cleanup can follow
+        sc.submit(Exited(conn, signal="SIGKILL"))
+        await eventually(lambda: sc.tracker.workers[conn].state is State.EXITED, what="exit applied")
+        assert sc.cleanup.idle
+    assert registration_present(rdb, theirs) and rdb.exists(theirs.key)
+
+
+async def test_a_member_that_is_not_utf8_does_not_stop_the_observer(rdb, make_config):
+    rdb.zadd(asynq.SERVERS, {b"asynq:servers:{" + HOST.encode() + b":1:\xff\xfe}": time.time() + 10})
+    async with Sidecar(make_config()) as sc:
+        conn, m = await start_worker(sc, rdb, 1, "fine")
+        sc.submit(Exited(conn, signal="SIGKILL"))
+        await eventually(lambda: gone_entirely(rdb, m), timeout=2, what="registration removed")

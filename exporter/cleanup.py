@@ -55,13 +55,21 @@ return redis.call('ZREM', KEYS[1], ARGV[1])
 
 REMOVED, KEPT, ABSENT = 1, 0, -1
 
-#: Seconds between discovery scans once the quick first looks found nothing.
+#: Seconds between discovery scans once the quick first looks are over.
 DISCOVERY_BACKOFF = 10.0
+
+#: A worker with no registration found this long after its hello is worth a warning.
+UNREGISTERED_WARNING = 30.0
 
 #: A removal is read back this many seconds after Redis acknowledged it, from whichever server
 #: is the master by then, and redone if it was undone: replication is asynchronous, so a master
 #: replaced by a replica (Sentinel or Cluster failover) may have taken the write with it.
 CONFIRM_AFTER = 10.0
+
+#: Background removals (earlier incarnations, the start-up scan) and read-backs run at most this
+#: many at once. A crash loop leaves hundreds of expired registrations of one host and pid, and
+#: redis-py's pool refuses, rather than queues, an operation beyond its 100 connections.
+BACKGROUND_CONCURRENCY = 8
 
 
 class CleanupMetrics:
@@ -91,10 +99,14 @@ class CleanupMetrics:
 
 @dataclass
 class Owned:
-    """A registration the worker owns, with the score last seen."""
+    """A registration taken to be the worker's, with the score last seen. `sure` when it carries
+    the server id the worker reported; otherwise it is only probable (it started within the
+    worker's life), and a removal needs more evidence when there is more than one."""
 
     member: asynq.Member
     score: float | None = None
+    sure: bool = False
+    changed_at: float | None = None  # time.monotonic() when the observer last saw the score move
 
 
 @dataclass
@@ -108,6 +120,9 @@ class Watch:
     reported: set[str] = field(default_factory=set)  # members already sent to the tracker
     next_discovery: float = 0.0
     discoveries: int = 0
+    max_gap: float = 0.0  # longest time the observer saw between two heartbeats
+    warned_unregistered: bool = False
+    leak_counted: bool = False  # the cleanup counted the leak (a retry must not count it again)
 
 
 @dataclass(frozen=True)
@@ -124,21 +139,24 @@ class RegistrationStore:
         self.redis = redis
         self._zrem_if = redis.register_script(_ZREM_IF_NOT_ADVANCED)
 
+    async def scan(self, pattern: str) -> dict[str, float]:
+        """Every asynq:servers member matching `pattern`, with its score. A member that is not
+        UTF-8 cannot be asynq's (host names and UUIDs are text): it is skipped."""
+        found: dict[str, float] = {}
+        async for raw, score in self.redis.zscan_iter(asynq.SERVERS, match=pattern, count=1000):
+            try:
+                found[raw.decode() if isinstance(raw, bytes) else raw] = float(score)
+            except UnicodeDecodeError:
+                continue
+        return found
+
     async def candidates(self, host: str, pid: int) -> dict[str, float]:
         """Every asynq:servers member of `{host:pid:*}` with its score."""
-        found: dict[str, float] = {}
-        pattern = asynq.member_pattern("servers", host, pid)
-        async for raw, score in self.redis.zscan_iter(asynq.SERVERS, match=pattern, count=1000):
-            found[raw.decode() if isinstance(raw, bytes) else raw] = float(score)
-        return found
+        return await self.scan(asynq.member_pattern("servers", host, pid))
 
     async def host_candidates(self, host: str) -> dict[str, float]:
         """Every asynq:servers member of `{host:*}` with its score."""
-        found: dict[str, float] = {}
-        pattern = f"asynq:servers:{{{asynq.glob_escape(host)}:*}}"
-        async for raw, score in self.redis.zscan_iter(asynq.SERVERS, match=pattern, count=1000):
-            found[raw.decode() if isinstance(raw, bytes) else raw] = float(score)
-        return found
+        return await self.scan(f"asynq:servers:{{{asynq.glob_escape(host)}:*}}")
 
     async def server_infos(self, members: list[asynq.Member]) -> list[bytes | None]:
         pipe = self.redis.pipeline(transaction=False)
@@ -221,16 +239,25 @@ class Cleanup:
         self.done = asyncio.Event()  # set after every finished cleanup (tests wait on it)
         self.last_finished_at = 0.0  # time.monotonic() when the last cleanup ended
         self.confirm_after = CONFIRM_AFTER
+        self._background = asyncio.Semaphore(BACKGROUND_CONCURRENCY)
+        self._orphans: set[str] = set()  # members whose removal is queued or running
 
     # ------------------------------------------------------------ sink
 
     def handle(self, decision: Decision, now: float) -> None:
         if isinstance(decision, WorkerStarted):
             w = decision.worker
+            if self.hostname and w.host != self.hostname:
+                # A peer must not be able to have another pod's registrations removed by
+                # naming its host: such a worker is tracked, but nothing is cleaned up for it.
+                log.warning("worker pid %d says it runs on %r, not on this sidecar's host %r "
+                            "(--hostname): its registration will not be cleaned up",
+                            w.pid, w.host, self.hostname)
+                return
             watch = Watch(w)
-            if w.server_id:  # the worker told us: no discovery needed
+            if w.server_id:  # the worker told us: checked with O(1) commands from the first tick
                 m = asynq.server_member(w.host, w.pid, w.server_id)
-                watch.owned[m.key] = Owned(m)
+                watch.owned[m.key] = Owned(m, sure=True)
             self.watches[w.conn] = watch
         elif isinstance(decision, WorkerExited):
             watch = self.watches.pop(decision.worker.conn, None)
@@ -271,21 +298,32 @@ class Cleanup:
                         await self.observe(watch)
                 except REDIS_FAILURES:
                     break  # counted by health; try again next tick
+                except Exception:  # a bug or odd data must not end the observation of all
+                    log.exception("observing worker pid %d failed", watch.worker.pid)
             await asyncio.sleep(max(0.0, self.poll_interval - (time.monotonic() - started)))
 
     async def observe(self, watch: Watch) -> None:
         """One tick for one worker: discover its registration, or check it with O(1) commands."""
         now = self._clock()
         w = watch.worker
-        known_live = any(o.score is not None and o.score >= now for o in watch.owned.values())
-        if not w.server_id and not known_live and now >= watch.next_discovery:
+        if now >= watch.next_discovery:
             await self._discover(watch, now)
         if not watch.owned:
+            if not watch.warned_unregistered and now - w.hello_at > UNREGISTERED_WARNING:
+                watch.warned_unregistered = True
+                log.warning("no registration of %s pid %d found %.0fs after its hello: is it an "
+                            "asynq server, and is that pid the asynq process (a launcher running a "
+                            "shell must `exec` the worker)?", w.host, w.pid, now - w.hello_at)
             return
         owned = list(watch.owned.values())
         results = await self.store.tick([o.member for o in owned])
         in_flight = 0
+        ticked = time.monotonic()
         for o, (score, count) in zip(owned, results):
+            if score is not None and o.score is not None and score > o.score:
+                if o.changed_at is not None:  # the time between two heartbeats, as seen here
+                    watch.max_gap = max(watch.max_gap, ticked - o.changed_at)
+                o.changed_at = ticked
             o.score = score
             if score is not None and score >= now:
                 in_flight += count
@@ -299,11 +337,13 @@ class Cleanup:
         or carrying the server id it reported. Others that are long expired are earlier
         incarnations of the same host and pid (a restarted container): removed."""
         w = watch.worker
-        # Look every tick at first (asynq registers as it starts); a worker that has not
-        # registered after ten looks, or that has lost its registration, is looked for every
-        # DISCOVERY_BACKOFF seconds, so a scan of a large set is never paid every second.
+        # Look every tick at first (asynq registers as it starts), then every DISCOVERY_BACKOFF
+        # seconds for as long as the worker lives: a worker may run a second server, and
+        # another process with the same host and pid (hostNetwork) may register too. A scan of
+        # a large set is never paid every second.
         watch.discoveries += 1
-        quick = watch.discoveries < 10 and not watch.owned
+        known_live = any(o.score is not None and o.score >= now for o in watch.owned.values())
+        quick = watch.discoveries < 10 and not known_live
         watch.next_discovery = now + (self.poll_interval if quick else DISCOVERY_BACKOFF)
         candidates = await self.store.candidates(w.host, w.pid)
         members = [m for m in (_decode_member(k) for k in candidates) if m is not None]
@@ -319,7 +359,7 @@ class Cleanup:
                 except asynq.UndecodableError:
                     pass
             if self._owns(w, m, info):
-                watch.owned.setdefault(m.key, Owned(m, score))
+                watch.owned.setdefault(m.key, Owned(m, score, sure=m.ident == w.server_id))
             elif score < now - self.cfg.settle and m.key not in watch.owned:
                 self._start_orphan_cleanup(m, score)
 
@@ -328,8 +368,10 @@ class Cleanup:
         """The worker's own server id, or a server started within the worker's life: not
         before it started (less a skew) and not after it exited (a newer incarnation of the
         same host and pid, such as a restarted container, is not the dead worker's)."""
-        if w.server_id:
-            return m.ident == w.server_id
+        if w.server_id and m.ident == w.server_id:
+            return True
+        # Without a server id, or with one that is not this member's (a wrong id, or a second
+        # server of the same process), the start time decides.
         if info is None or info.start_time is None:
             return False
         if info.start_time < w.born_at - OWNERSHIP_SKEW:
@@ -374,24 +416,35 @@ class Cleanup:
 
     async def _cleanup_once(self, watch: Watch, exited: WorkerExited) -> None:
         w = watch.worker
-        if not exited.reported or not watch.owned:
-            # A last look: the worker may have died before a tick found its registration.
+        if not any(o.sure for o in watch.owned.values()) or not exited.reported:
+            # One last look at {host:pid:*} (one scan): the worker may have died before a tick
+            # found its registration, or have had more than one server.
             await self._discover(watch, self._clock())
-        owned = [o.member for o in watch.owned.values()]
-        seen = {m.key: await self.store.scores(m) for m in owned}
-        present = [m for m in owned if seen[m.key] != (None, None)]
-        if present and (not exited.reported or self._ambiguous(w)):
-            # Lost connection: the process is probably gone. Prove it: no heartbeat may move
-            # the score during the settle period (one beat every 5 s). The same proof is asked
-            # when another live worker shares this host and pid.
-            await asyncio.sleep(self.cfg.settle)
-            for m in present:
+        owned = list(watch.owned.values())
+        seen = {o.member.key: await self.store.scores(o.member) for o in owned}
+        present = [o.member for o in owned if seen[o.member.key] != (None, None)]
+        # Removed at once after a reported exit: the registration with the server id the worker
+        # reported, or its only probable one. Anything else must first prove itself dead.
+        probable = [o for o in owned if not o.sure]
+        if not exited.reported or self._ambiguous(w):
+            doubtful = present
+        elif any(o.sure for o in owned) or len(probable) > 1:
+            doubtful = [o.member for o in probable if seen[o.member.key] != (None, None)]
+        else:
+            doubtful = []
+        if doubtful:
+            # The proof: no heartbeat moves the score for the settle period (asynq beats every
+            # 5 s), or for longer if this worker's beats were seen to come further apart.
+            await asyncio.sleep(max(self.cfg.settle, watch.max_gap + self.poll_interval))
+            for m in doubtful:
                 now_seen = await self.store.scores(m)
                 if _advanced(seen[m.key], now_seen):
-                    log.warning("worker pid %d on %s lost its connection but %s is still beating: "
-                                "left alone", w.pid, w.host, m.key)
-                    return
-                seen[m.key] = now_seen
+                    log.warning("%s is still beating after worker pid %d on %s %s: a live server "
+                                "owns it; left alone", m.key, w.pid, w.host,
+                                "lost its connection" if not exited.reported else "exited")
+                    present.remove(m)
+                else:
+                    seen[m.key] = now_seen
             present = [m for m in present if seen[m.key] != (None, None)]
         if not present:
             return  # deregistered itself (a graceful Shutdown), nothing leaked
@@ -399,11 +452,13 @@ class Cleanup:
         # a clean exit 0 that leaves it). Its in-flight tasks were never finished or requeued
         # by a Shutdown: they wait for asynq's lease recovery. The workers hash (TTL 10 s) holds
         # the last beat's view; the observer's last count stands in once it has expired.
-        self.metrics.leaked.inc()
-        in_flight = 0
-        for m in present:
-            in_flight += await self.store.in_flight(m)
-        self.metrics.abandoned.inc(in_flight or watch.in_flight)
+        if not watch.leak_counted:
+            in_flight = 0
+            for m in present:
+                in_flight += await self.store.in_flight(m)
+            self.metrics.leaked.inc()
+            self.metrics.abandoned.inc(in_flight or watch.in_flight)
+            watch.leak_counted = True
         names = ", ".join(m.key for m in present)
         if self.cfg.mode == "off":
             log.warning("worker pid %d on %s exited (%s) leaving %s; cleanup is off",
@@ -428,9 +483,19 @@ class Cleanup:
 
     def _start_orphan_cleanup(self, member: asynq.Member, score: float) -> None:
         """Remove an expired registration that no live worker owns (reason previous_incarnation)."""
+        if member.key in self._orphans:
+            return  # found again by another look while its removal waits
+        self._orphans.add(member.key)
         self._spawn(self._remove_orphan(member, score), f"orphan-{member.ident}")
 
     async def _remove_orphan(self, member: asynq.Member, score: float) -> None:
+        try:
+            async with self._background:
+                await self._remove_orphan_now(member, score)
+        finally:
+            self._orphans.discard(member.key)
+
+    async def _remove_orphan_now(self, member: asynq.Member, score: float) -> None:
         try:
             with self.health.op("remove previous incarnation"):
                 seen = await self.store.scores(member)
@@ -460,11 +525,12 @@ class Cleanup:
         delay = 0.1
         while True:
             try:
-                with self.health.op("confirm a removal"):
-                    if _undone(seen, await self.store.scores(member)):
-                        log.warning("%s is back after its removal (a Redis failover lost the write): "
-                                    "removing it again", member.key)
-                        await self.store.remove(member, seen)
+                async with self._background:
+                    with self.health.op("confirm a removal"):
+                        if _undone(seen, await self.store.scores(member)):
+                            log.warning("%s is back after its removal (a Redis failover lost the "
+                                        "write): removing it again", member.key)
+                            await self.store.remove(member, seen)
                 return
             except REDIS_FAILURES:
                 self.metrics.errors.inc()
@@ -473,7 +539,14 @@ class Cleanup:
 
     async def remove_host_orphans(self) -> None:
         """At start: expired registrations of this host that no connected worker owns (a worker
-        that died while the sidecar was down) are removed, if expired for longer than settle."""
+        that died while the sidecar was down) are removed, if expired for longer than settle.
+        A second look once a registration left by a worker that died just before the start
+        would have aged enough (its TTL plus settle)."""
+        await self._scan_host_once()
+        await asyncio.sleep(asynq.REGISTRATION_TTL + self.cfg.settle + 1)
+        await self._scan_host_once()
+
+    async def _scan_host_once(self) -> None:
         if not self.hostname:
             return
         delay = 0.5
@@ -484,7 +557,7 @@ class Cleanup:
                 break
             except REDIS_FAILURES:
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, 5.0)
         now = self._clock()
         for key, score in candidates.items():
             m = _decode_member(key)

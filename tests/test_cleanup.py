@@ -331,7 +331,7 @@ async def test_start_up_scan_waits_for_redis_when_it_is_down_at_start(make_confi
         async with Sidecar(cfg) as sc:
             await eventually(lambda: sc.health.up is False, what="the sidecar to find Redis down")
             server.start()
-            await eventually(lambda: not registration_present(rdb, dead), timeout=10, what="orphan removed")
+            await eventually(lambda: not registration_present(rdb, dead), timeout=20, what="orphan removed")
             assert metric(sc, "asynq_sidecar_registrations_removed_total", reason="previous_incarnation") == 1
         rdb.close()
     finally:

@@ -14,6 +14,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import socket
 import time
 import urllib.request
 
@@ -35,6 +36,9 @@ from tests.conftest import IN_CI, require_tool
 from tests.helpers import eventually, register_server, scrape, value, wait_until
 from tests.pki import PKI, pki  # noqa: F401 - the fixture
 from tests.redis_topologies import ClusterSetup, SentinelSetup, TLSRedis
+
+#: A worker shares its pod's host name with the sidecar (the sidecar cleans up nothing for another host).
+HOST = socket.gethostname()
 
 #: The ACL that docs/redis-topologies.md recommends, less the password (Redis Cluster adds
 #: +cluster|slots). Every test below that logs in as a user gives it exactly these rules.
@@ -59,7 +63,7 @@ def metric(sc: Sidecar, name: str, **labels: str) -> float:
     return 0.0 if v is None else v
 
 
-async def start_worker(sc: Sidecar, client, pid: int, sid: str, host: str = "pod-a") -> tuple[int, asynq.Member]:
+async def start_worker(sc: Sidecar, client, pid: int, sid: str, host: str = HOST) -> tuple[int, asynq.Member]:
     """A worker says hello and registers; wait until the sidecar has seen it running."""
     conn = sc.new_conn_id()
     sc.submit(Hello(conn, pid=pid, host=host, started_at=time.time()))
@@ -434,8 +438,8 @@ async def test_a_removal_undone_by_a_failover_is_redone_but_a_live_one_is_not(rd
             sc.submit(Exited(conn, signal="SIGKILL"))
         await eventually(lambda: gone(rdb, lost) and gone(rdb, kept), what="both removed")
         # The failover: the new master never saw the removals.
-        register_server(rdb, "pod-a", 11, "lost-write", scores[lost.key])
-        register_server(rdb, "pod-a", 12, "beats-again", scores[kept.key] + 5)  # a later beat
+        register_server(rdb, HOST, 11, "lost-write", scores[lost.key])
+        register_server(rdb, HOST, 12, "beats-again", scores[kept.key] + 5)  # a later beat
         await eventually(lambda: gone(rdb, lost), what="the undone removal redone")
         await eventually(lambda: not any(t.get_name().startswith("confirm-") for t in sc._tasks),
                          what="both confirmations done")

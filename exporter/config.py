@@ -248,6 +248,10 @@ OPTIONS: dict[str, Option] = {
         Option("watch-interval", positive_seconds, 10.0,
                "How often the full details of live servers (status, concurrency, active tasks) are "
                "read from Redis.", "SECONDS"),
+        Option("details-sharing", one_of("on", "off"), "on",
+               "on: one sidecar of the fleet (the holder of a lease in Redis) reads every live "
+               "server's details and publishes the aggregate, the others read that; off: every "
+               "sidecar reads them all (Redis load grows with pods x servers).", "MODE"),
         Option("poll-interval", positive_seconds, 1.0,
                "How often the registration of each watched worker is checked (O(1) commands).",
                "SECONDS"),
@@ -294,7 +298,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
               "redis-sentinel-password-file", "redis-cluster"),
     "http": ("listen", "web-config-file"),
     "socket": ("socket", "socket-mode", "max-connections", "hello-timeout"),
-    "worker": ("hostname", "watch-interval", "poll-interval", "shutdown-budget", "stop-timeout"),
+    "worker": ("hostname", "watch-interval", "details-sharing", "poll-interval", "shutdown-budget", "stop-timeout"),
     "cleanup": ("cleanup", "settle", "sweep-interval", "grace", "sweep-batch"),
     "log": ("log-level", "log-format"),
 }
@@ -492,6 +496,7 @@ class ServeConfig:
     cleanup: CleanupConfig
     hostname: str
     watch_interval: float = 10.0
+    details_sharing: bool = True
     poll_interval: float = 1.0
     shutdown_budget: float = 25.0
     stop_timeout: float = 20.0
@@ -507,6 +512,7 @@ class ServeConfig:
             cleanup=CleanupConfig.from_values(v),
             hostname=v["hostname"],
             watch_interval=v["watch_interval"],
+            details_sharing=v["details_sharing"] == "on",
             poll_interval=v["poll_interval"],
             shutdown_budget=v["shutdown_budget"],
             stop_timeout=v["stop_timeout"],

@@ -86,6 +86,10 @@ class RegistryCollector(Collector):
                                 "Sum of concurrency over live servers.", value=d.concurrency)
         yield GaugeMetricFamily("asynq_registry_active_tasks",
                                 "Sum of active_worker_count over live servers.", value=d.active_tasks)
+        yield GaugeMetricFamily("asynq_sidecar_details_leader",
+                                "1 when this sidecar makes the fleet's full read of server details "
+                                "(--details-sharing on: one lease holder per fleet), else 0.",
+                                value=1.0 if (self._watcher.leader or not self._watcher.shared) else 0.0)
         yield GaugeMetricFamily("asynq_registry_snapshot_age_seconds",
                                 "Age of the last full read of server details.",
                                 value=max(0.0, self._clock() - d.at))

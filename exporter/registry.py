@@ -3,7 +3,10 @@
 `RegistryCounts` is refreshed by the /metrics handler in one pipelined round trip of
 ZCOUNT/ZRANGE commands (each O(log N)), so a scrape costs the same at 10 or 100,000
 registrations. `DetailsWatcher` reads every live server's ServerInfo on its own interval,
-aggregating as it goes, and never inside a scrape.
+aggregating as it goes, and never inside a scrape. With sharing on (the default) only one
+sidecar of the fleet, the holder of a lease in Redis, makes that full read and publishes the
+aggregate; the others read the aggregate (one small hash), so the fleet's Redis load does not
+grow with pods x servers.
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ class ServerDetails:
 
 
 async def read_details(redis: Redis, now: float, on_undecodable: Callable[[str], None],
-                       page: int = 1000) -> ServerDetails:
+                       page: int = 250) -> ServerDetails:
     """Read every live server's ServerInfo, page by page, aggregating as it goes.
 
     Memory is bounded by the page size, not by the fleet. Pages are ranges by score with
@@ -145,22 +148,82 @@ async def read_details(redis: Redis, now: float, on_undecodable: Callable[[str],
             details.active_tasks += info.active_worker_count
         if len(members) < page:
             break
+        await asyncio.sleep(0)  # a scrape waiting for the loop gets it between pages
     details.duration = time.monotonic() - started
     return details
 
 
-class DetailsWatcher:
-    """Reads server details every `interval` seconds; `latest` holds the last good read."""
+#: The fleet's shared details: a HASH written by the lease holder, read by every other sidecar.
+SHARED_DETAILS = "asynq-sidecar:details"
+#: Who makes the full read: a STRING holding the leader's identity, with a TTL.
+DETAILS_LEASE = "asynq-sidecar:details:lease"
 
-    def __init__(self, redis: Redis, health: RedisHealth, interval: float,
+# KEYS[1] = the lease, ARGV[1] = this sidecar's identity, ARGV[2] = TTL in ms.
+# Returns 1 when this sidecar holds the lease (taken or extended), 0 when another does.
+_TAKE_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+if not holder then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+return 0
+"""
+
+# KEYS[1] = the lease, ARGV[1] = this sidecar's identity: give it up if it is still ours.
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def details_to_hash(d: ServerDetails, by: str) -> dict[str, str]:
+    out = {"at": repr(d.at), "duration": repr(d.duration), "servers": str(d.servers),
+           "concurrency": str(d.concurrency), "active_tasks": str(d.active_tasks),
+           "missing": str(d.missing), "by": by}
+    for status in (*asynq.SERVER_STATUSES, "unknown"):  # all of them: a zero overwrites a count
+        out[f"status:{status}"] = str(d.by_status.get(status, 0))
+    return out
+
+
+def details_from_hash(h: dict[bytes, bytes]) -> ServerDetails | None:
+    """The published aggregate, or None when it is absent or not ours to read."""
+    try:
+        text = {k.decode(): v.decode() for k, v in h.items()}
+        d = ServerDetails(at=float(text["at"]), duration=float(text["duration"]),
+                          servers=int(text["servers"]), concurrency=int(text["concurrency"]),
+                          active_tasks=int(text["active_tasks"]), missing=int(text["missing"]))
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return None
+    for key, value in text.items():
+        if key.startswith("status:") and value.isdigit():
+            d.by_status[key[len("status:"):]] = int(value)
+    return d
+
+
+class DetailsWatcher:
+    """Reads server details every `interval` seconds; `latest` holds the last good read.
+
+    With `shared`, each tick first takes or extends the fleet's lease (one single-key script):
+    the holder makes the full read and publishes the aggregate in SHARED_DETAILS (with a TTL,
+    so a dead leader's numbers vanish); every other sidecar reads that hash instead. A leader
+    that dies is replaced within the lease's TTL (2.5 intervals). `latest.at` is always the time
+    of the full read behind the numbers, so asynq_registry_snapshot_age_seconds stays honest.
+    """
+
+    def __init__(self, redis: Redis, health: RedisHealth, interval: float, *,
+                 shared: bool = False, identity: str = "",
                  clock: Callable[[], float] = time.time) -> None:
         self._redis = redis
         self._health = health
         self.interval = interval
+        self.shared = shared
+        self.identity = identity
         self._clock = clock
         self.latest: ServerDetails | None = None
         self.undecodable: Counter[str] = Counter()
+        self.leader = False
+        self.full_reads = 0
         self.updated = asyncio.Event()  # set after every read attempt (tests wait on it)
+        self._take_lease = redis.register_script(_TAKE_LEASE)
+        self._release_lease = redis.register_script(_RELEASE_LEASE)
 
     def count_undecodable(self, kind: str) -> None:
         self.undecodable[kind] += 1
@@ -168,13 +231,41 @@ class DetailsWatcher:
     async def read_once(self) -> None:
         try:
             with self._health.op("read server details"):
+                if self.shared:
+                    ttl_ms = int(self.interval * 2500)
+                    self.leader = bool(await self._take_lease(keys=[DETAILS_LEASE],
+                                                              args=[self.identity, ttl_ms]))
+                    if not self.leader:
+                        published = details_from_hash(await self._redis.hgetall(SHARED_DETAILS))
+                        if published is not None:
+                            self.latest = published
+                        return  # none yet (a new leader is reading): the last one stays, aging
                 details = await read_details(self._redis, self._clock(), self.count_undecodable)
-            details.at = self._clock()
-            self.latest = details
+                details.at = self._clock()
+                self.full_reads += 1
+                self.latest = details
+                if self.shared:
+                    pipe = self._redis.pipeline(transaction=False)
+                    pipe.hset(SHARED_DETAILS, mapping=details_to_hash(details, self.identity))
+                    pipe.pexpire(SHARED_DETAILS, int(self.interval * 3000))
+                    await pipe.execute()
         except REDIS_FAILURES:
             pass  # counted by health; the previous read stays, and its age grows
         finally:
             self.updated.set()
+
+    async def release(self) -> None:
+        """On a clean stop: hand the lease back at once, so another sidecar takes over the full
+        read at its next tick rather than when the lease expires."""
+        if not (self.shared and self.leader):
+            return
+        try:
+            with self._health.op("release the details lease"):
+                await asyncio.wait_for(self._release_lease(keys=[DETAILS_LEASE], args=[self.identity]),
+                                       1.0)
+        except (*REDIS_FAILURES, TimeoutError):
+            pass  # it expires by itself
+        self.leader = False
 
     async def run(self) -> None:
         while True:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from contextlib import AsyncExitStack
@@ -169,8 +170,11 @@ class Sidecar:
         self._stack.push_async_callback(self.redis.aclose)
 
         self.counts = RegistryCounts(self.redis, self.health)
-        self.watcher = DetailsWatcher(self.redis, self.health, cfg.watch_interval)
+        self.watcher = DetailsWatcher(self.redis, self.health, cfg.watch_interval,
+                                      shared=cfg.details_sharing,
+                                      identity=f"{cfg.hostname}:{os.getpid()}:{id(self):x}")
         self.registry.register(RegistryCollector(self.counts, self.watcher, self.health))
+        self._stack.push_async_callback(self.watcher.release)
 
         self._stack.push_async_callback(self._cancel_tasks)
         self.spawn(self.watcher.run(), "details-watcher")

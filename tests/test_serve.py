@@ -184,3 +184,60 @@ async def test_server_status_label_values_stay_bounded(rdb, make_config):
     statuses = {labels[0][1] for (name, labels) in samples(text) if name == "asynq_registry_servers"}
     assert statuses == {"new", "active", "stopped", "closed", "unknown"}
     assert value(text, "asynq_registry_servers", status="unknown") == 5
+
+
+async def test_one_sidecar_of_the_fleet_reads_the_details_and_the_others_share_them(rdb, make_config, tmp_path):
+    from exporter.config import SocketConfig
+
+    now = time.time()
+    for i in range(5):
+        register_server(rdb, "a", i, f"s{i}", now + 10, concurrency=4, active=1)
+    # A lease of 2.5 intervals: long enough that a busy machine does not hand it over mid-test.
+    configs = [make_config(socket=SocketConfig(path=str(tmp_path / f"{i}.sock")), watch_interval=0.5)
+               for i in range(3)]
+    async with Sidecar(configs[0]) as first, Sidecar(configs[1]) as second, Sidecar(configs[2]) as third:
+        fleet = (first, second, third)
+        await eventually(lambda: all(sc.watcher.latest for sc in fleet), what="details everywhere")
+        leaders = [sc for sc in fleet if sc.watcher.leader]
+        assert len(leaders) == 1
+        reads_before = [sc.watcher.full_reads for sc in fleet]
+        await eventually(lambda: leaders[0].watcher.full_reads >= reads_before[fleet.index(leaders[0])] + 2,
+                         what="two more reads by the leader")
+        for sc in fleet:
+            text = await scrape(sc.http_url)
+            assert value(text, "asynq_registry_concurrency") == 20
+            assert value(text, "asynq_registry_active_tasks") == 5
+            assert value(text, "asynq_registry_servers", status="active") == 5
+            assert value(text, "asynq_sidecar_details_leader") == (1 if sc is leaders[0] else 0)
+            assert value(text, "asynq_registry_snapshot_age_seconds") < 2
+        for i, sc in enumerate(fleet):  # followers never made a full read after the first tick
+            if sc is not leaders[0]:
+                assert sc.watcher.full_reads == reads_before[i] <= 1
+    # The leader stops: its exit hands the lease back and the other takes over the full read.
+    successor = Sidecar(configs[1])
+    async with Sidecar(configs[0]) as leader:
+        await eventually(lambda: leader.watcher.leader, what="the first one to lead")
+        await successor.__aenter__()
+        try:
+            await eventually(lambda: successor.watcher.latest, what="the follower's first read")
+            assert not successor.watcher.leader
+        except BaseException:
+            await successor.__aexit__(None, None, None)
+            raise
+    try:
+        await eventually(lambda: successor.watcher.leader, timeout=3, what="the other to take over")
+        assert successor.watcher.full_reads >= 1
+    finally:
+        await successor.__aexit__(None, None, None)
+
+
+async def test_sharing_off_makes_every_sidecar_read_for_itself(rdb, make_config, tmp_path):
+    from exporter.config import SocketConfig
+
+    register_server(rdb, "a", 1, "s", time.time() + 10)
+    cfgs = [make_config(details_sharing=False, socket=SocketConfig(path=str(tmp_path / f"{i}.sock")))
+            for i in range(2)]
+    async with Sidecar(cfgs[0]) as one, Sidecar(cfgs[1]) as two:
+        await eventually(lambda: one.watcher.full_reads >= 2 and two.watcher.full_reads >= 2,
+                         what="both reading")
+        assert not rdb.exists("asynq-sidecar:details")

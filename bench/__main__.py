@@ -13,7 +13,7 @@ import sys
 import time
 import traceback
 
-from bench.core import MISS, NOT_MEASURED, BenchError, Report, machine, table
+from bench.core import MISS, NOT_MEASURED, BenchError, Report, machine, prepare_bytecode, table
 
 #: name -> (module, function, what it measures). Each runs alone: `python -m bench NAME`.
 MEASUREMENTS: dict[str, tuple[str, str, str]] = {
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown measurement {', '.join(unknown)}; choose from all, {', '.join(MEASUREMENTS)}")
 
+    prepare_bytecode()
     m = machine()
     print(f"# asynq-sidecar benchmarks{' (--quick)' if args.quick else ''}", flush=True)
     print(f"machine: {m['cpus']} x {m['model']}; Python {m['python']}; redis-server {m['redis']}; "

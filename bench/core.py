@@ -242,6 +242,16 @@ def machine() -> dict[str, str]:
 # ---------------------------------------------------------------- real processes
 
 
+def prepare_bytecode() -> None:
+    """Compile this checkout's `exporter` (and `bench`) to .pyc next to the sources, as the image
+    does at `pip install`. The processes measured then load bytecode instead of compiling every
+    module at each start: that compile costs ~1 MiB of RSS (the compiler's memory is not given
+    back) and start-up time that a deployed sidecar never pays. compileall writes the files
+    even under PYTHONDONTWRITEBYTECODE, which only stops the interpreter writing them itself."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "exporter"), str(REPO / "bench")],
+                   check=True, stdout=subprocess.DEVNULL, timeout=120)
+
+
 def python_env() -> dict[str, str]:
     """The environment of child processes: this checkout's `exporter` first on the path."""
     env = dict(os.environ)

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -315,7 +316,9 @@ async def run_demo(values: dict[str, Any], duration: float | None, out: TextIO, 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    with tempfile.TemporaryDirectory(prefix="asynq-sidecar-demo-") as tmp:
+    # The workers' logs: removed at the end, unless a step failed (then they say why).
+    tmp = tempfile.mkdtemp(prefix="asynq-sidecar-demo-")
+    try:
         try:
             redis_server = RedisServer().start()
         except RedisServerError as e:
@@ -342,9 +345,17 @@ async def run_demo(values: dict[str, Any], duration: float | None, out: TextIO, 
                     await demo.stop_workers()
                     await redis.aclose()
                 p.step("Summary")
-                p.info(f"metrics were at {sidecar.http_url}/metrics; worker logs were in {tmp}")
+                p.info(f"metrics were served at {sidecar.http_url}/metrics")
         finally:
             redis_server.close()
+    except BaseException:
+        p.failures.append("the demo itself failed")
+        raise
+    finally:
+        if p.failures:
+            p.info(f"the workers' logs are kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     if p.failures:
         p.info(f"{len(p.failures)} step(s) did not behave as expected:")
         for f in p.failures:

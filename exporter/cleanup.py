@@ -55,6 +55,9 @@ return redis.call('ZREM', KEYS[1], ARGV[1])
 
 REMOVED, KEPT, ABSENT = 1, 0, -1
 
+#: Redis operations of the cleanup and the observer in flight at once (see RegistrationStore).
+STORE_CONCURRENCY = 16
+
 #: Seconds between discovery scans once the quick first looks are over.
 DISCOVERY_BACKOFF = 10.0
 
@@ -123,6 +126,10 @@ class Watch:
     max_gap: float = 0.0  # longest time the observer saw between two heartbeats
     warned_unregistered: bool = False
     leak_counted: bool = False  # the cleanup counted the leak (a retry must not count it again)
+    # What the cleanup has finished with, so that a retry after a Redis failure repeats nothing:
+    done: set[str] = field(default_factory=set)  # members removed, left alone or found gone
+    tasks_counted: set[str] = field(default_factory=set)  # members whose tasks were counted
+    fallback_tasks_counted: bool = False
 
 
 @dataclass(frozen=True)
@@ -135,20 +142,25 @@ class RegistrationStore:
     """The Redis operations of ownership and cleanup; each is a few O(1)/O(log N) commands,
     except discovery, which scans the servers set with a MATCH pattern."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, concurrency: int = STORE_CONCURRENCY) -> None:
         self.redis = redis
         self._zrem_if = redis.register_script(_ZREM_IF_NOT_ADVANCED)
+        # At most this many operations at once: a crash loop's hundreds of cleanups would
+        # otherwise take every connection of the pool (redis-py refuses the 101st), leaving
+        # none for scrapes; the others wait their turn.
+        self._slots = asyncio.Semaphore(concurrency)
 
     async def scan(self, pattern: str) -> dict[str, float]:
         """Every asynq:servers member matching `pattern`, with its score. A member that is not
         UTF-8 cannot be asynq's (host names and UUIDs are text): it is skipped."""
-        found: dict[str, float] = {}
-        async for raw, score in self.redis.zscan_iter(asynq.SERVERS, match=pattern, count=1000):
-            try:
-                found[raw.decode() if isinstance(raw, bytes) else raw] = float(score)
-            except UnicodeDecodeError:
-                continue
-        return found
+        async with self._slots:
+            found: dict[str, float] = {}
+            async for raw, score in self.redis.zscan_iter(asynq.SERVERS, match=pattern, count=1000):
+                try:
+                    found[raw.decode() if isinstance(raw, bytes) else raw] = float(score)
+                except UnicodeDecodeError:
+                    continue
+            return found
 
     async def candidates(self, host: str, pid: int) -> dict[str, float]:
         """Every asynq:servers member of `{host:pid:*}` with its score."""
@@ -159,31 +171,35 @@ class RegistrationStore:
         return await self.scan(f"asynq:servers:{{{asynq.glob_escape(host)}:*}}")
 
     async def server_infos(self, members: list[asynq.Member]) -> list[bytes | None]:
-        pipe = self.redis.pipeline(transaction=False)
-        for m in members:
-            pipe.get(m.key)
-        return await pipe.execute()
+        async with self._slots:
+            pipe = self.redis.pipeline(transaction=False)
+            for m in members:
+                pipe.get(m.key)
+            return await pipe.execute()
 
     async def tick(self, members: list[asynq.Member]) -> list[tuple[float | None, int]]:
         """(score, in-flight task count) of each member: ZSCORE + HLEN, one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        for m in members:
-            pipe.zscore(asynq.SERVERS, m.key)
-            pipe.hlen(m.sibling("workers").key)
-        replies = await pipe.execute()
-        return [(None if replies[i] is None else float(replies[i]), int(replies[i + 1]))
-                for i in range(0, len(replies), 2)]
+        async with self._slots:
+            pipe = self.redis.pipeline(transaction=False)
+            for m in members:
+                pipe.zscore(asynq.SERVERS, m.key)
+                pipe.hlen(m.sibling("workers").key)
+            replies = await pipe.execute()
+            return [(None if replies[i] is None else float(replies[i]), int(replies[i + 1]))
+                    for i in range(0, len(replies), 2)]
 
     async def scores(self, member: asynq.Member) -> tuple[float | None, float | None]:
         """Scores of the server's member in asynq:servers and in asynq:workers."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zscore(asynq.SERVERS, member.key)
-        pipe.zscore(asynq.WORKERS, member.sibling("workers").key)
-        s, w = await pipe.execute()
-        return (None if s is None else float(s)), (None if w is None else float(w))
+        async with self._slots:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zscore(asynq.SERVERS, member.key)
+            pipe.zscore(asynq.WORKERS, member.sibling("workers").key)
+            s, w = await pipe.execute()
+            return (None if s is None else float(s)), (None if w is None else float(w))
 
     async def in_flight(self, member: asynq.Member) -> int:
-        return int(await self.redis.hlen(member.sibling("workers").key))
+        async with self._slots:
+            return int(await self.redis.hlen(member.sibling("workers").key))
 
     async def remove(self, member: asynq.Member, seen: tuple[float | None, float | None]) -> int:
         """Mirror ClearServerState for one server, conditional on the scores seen.
@@ -191,22 +207,23 @@ class RegistrationStore:
         Returns REMOVED when the servers member went, KEPT when a heartbeat moved it since the
         decision (nothing is touched then), ABSENT when it was already gone.
         """
-        servers_seen, workers_seen = seen
-        # One script call per sorted set, not a pipeline: redis-py refuses EVALSHA in a Redis
-        # Cluster pipeline (and the two sets live on different nodes anyway). A direct call
-        # also reloads the script after NOSCRIPT, as on a master just promoted by Sentinel.
-        results = []
-        if servers_seen is not None:
-            results.append(int(await self._zrem_if(keys=[asynq.SERVERS],
-                                                   args=[member.key, repr(servers_seen)])))
-        if workers_seen is not None:
-            results.append(int(await self._zrem_if(keys=[asynq.WORKERS],
-                                                   args=[member.sibling("workers").key, repr(workers_seen)])))
-        if KEPT in results:
-            return KEPT
-        # Both members are gone (or were): the per-server keys go too. One hash tag: one slot.
-        await self.redis.delete(member.key, member.sibling("workers").key)
-        return REMOVED if servers_seen is not None and results and results[0] == REMOVED else ABSENT
+        async with self._slots:
+            servers_seen, workers_seen = seen
+            # One script call per sorted set, not a pipeline: redis-py refuses EVALSHA in a Redis
+            # Cluster pipeline (and the two sets live on different nodes anyway). A direct call
+            # also reloads the script after NOSCRIPT, as on a master just promoted by Sentinel.
+            results = []
+            if servers_seen is not None:
+                results.append(int(await self._zrem_if(keys=[asynq.SERVERS],
+                                                       args=[member.key, repr(servers_seen)])))
+            if workers_seen is not None:
+                results.append(int(await self._zrem_if(keys=[asynq.WORKERS],
+                                                       args=[member.sibling("workers").key, repr(workers_seen)])))
+            if KEPT in results:
+                return KEPT
+            # Both members are gone (or were): the per-server keys go too. One hash tag: one slot.
+            await self.redis.delete(member.key, member.sibling("workers").key)
+            return REMOVED if servers_seen is not None and results and results[0] == REMOVED else ABSENT
 
 
 def _decode_member(key: str) -> asynq.Member | None:
@@ -306,7 +323,8 @@ class Cleanup:
         """One tick for one worker: discover its registration, or check it with O(1) commands."""
         now = self._clock()
         w = watch.worker
-        if now >= watch.next_discovery:
+        known_live = any(o.score is not None and o.score >= now for o in watch.owned.values())
+        if not known_live and now >= watch.next_discovery:
             await self._discover(watch, now)
         if not watch.owned:
             if not watch.warned_unregistered and now - w.hello_at > UNREGISTERED_WARNING:
@@ -338,13 +356,12 @@ class Cleanup:
         incarnations of the same host and pid (a restarted container): removed."""
         w = watch.worker
         # Look every tick at first (asynq registers as it starts), then every DISCOVERY_BACKOFF
-        # seconds for as long as the worker lives: a worker may run a second server, and
-        # another process with the same host and pid (hostNetwork) may register too. A scan of
-        # a large set is never paid every second.
+        # seconds while nothing live is known. Once a live registration is known it is checked
+        # with O(1) commands only: a scan of a large set (100,000 leaked entries) is paid at
+        # the start and at the exit, where a last look finds a second server or another
+        # process's registration before anything is removed.
         watch.discoveries += 1
-        known_live = any(o.score is not None and o.score >= now for o in watch.owned.values())
-        quick = watch.discoveries < 10 and not known_live
-        watch.next_discovery = now + (self.poll_interval if quick else DISCOVERY_BACKOFF)
+        watch.next_discovery = now + (self.poll_interval if watch.discoveries < 10 else DISCOVERY_BACKOFF)
         candidates = await self.store.candidates(w.host, w.pid)
         members = [m for m in (_decode_member(k) for k in candidates) if m is not None]
         if not members:
@@ -415,71 +432,87 @@ class Cleanup:
             self.done.set()
 
     async def _cleanup_once(self, watch: Watch, exited: WorkerExited) -> None:
+        """Remove what the dead worker still owns. Idempotent: a retry after a Redis failure
+        repeats only what is not done (`watch.done`)."""
         w = watch.worker
-        if not any(o.sure for o in watch.owned.values()) or not exited.reported:
-            # One last look at {host:pid:*} (one scan): the worker may have died before a tick
-            # found its registration, or have had more than one server.
-            await self._discover(watch, self._clock())
-        owned = list(watch.owned.values())
+        fast = exited.reported and not self._ambiguous(w)
+        if fast:
+            # The registration with the server id the worker reported is exactly its own: at
+            # once, before the scan below.
+            await self._remove_owned(watch, exited, [o for o in watch.owned.values() if o.sure],
+                                     prove=False)
+        # A last look at {host:pid:*} (one scan): the worker may have died before a tick found
+        # its registration, or have had more than one server, or share its host and pid.
+        await self._discover(watch, self._clock())
+        rest = [o for o in watch.owned.values() if o.member.key not in watch.done]
+        # Also at once after a reported exit: the worker's only probable registration, when it
+        # reported no server id. Anything else must first prove itself dead.
+        single = fast and len(rest) == 1 and not any(o.sure for o in watch.owned.values())
+        await self._remove_owned(watch, exited, rest, prove=not single)
+
+    async def _remove_owned(self, watch: Watch, exited: WorkerExited, owned: list[Owned], *,
+                            prove: bool) -> None:
+        w = watch.worker
         seen = {o.member.key: await self.store.scores(o.member) for o in owned}
         present = [o.member for o in owned if seen[o.member.key] != (None, None)]
-        # Removed at once after a reported exit: the registration with the server id the worker
-        # reported, or its only probable one. Anything else must first prove itself dead.
-        probable = [o for o in owned if not o.sure]
-        if not exited.reported or self._ambiguous(w):
-            doubtful = present
-        elif any(o.sure for o in owned) or len(probable) > 1:
-            doubtful = [o.member for o in probable if seen[o.member.key] != (None, None)]
-        else:
-            doubtful = []
-        if doubtful:
+        if present and prove:
             # The proof: no heartbeat moves the score for the settle period (asynq beats every
             # 5 s), or for longer if this worker's beats were seen to come further apart.
             await asyncio.sleep(max(self.cfg.settle, watch.max_gap + self.poll_interval))
-            for m in doubtful:
+            for m in list(present):
                 now_seen = await self.store.scores(m)
                 if _advanced(seen[m.key], now_seen):
                     log.warning("%s is still beating after worker pid %d on %s %s: a live server "
                                 "owns it; left alone", m.key, w.pid, w.host,
                                 "lost its connection" if not exited.reported else "exited")
                     present.remove(m)
+                    watch.done.add(m.key)
                 else:
                     seen[m.key] = now_seen
             present = [m for m in present if seen[m.key] != (None, None)]
         if not present:
-            return  # deregistered itself (a graceful Shutdown), nothing leaked
+            watch.done.update(o.member.key for o in owned)
+            return  # deregistered itself (a graceful Shutdown): nothing leaked
         # The registration outlived the worker: a leak, whatever the exit code (asynq #979 is
-        # a clean exit 0 that leaves it). Its in-flight tasks were never finished or requeued
-        # by a Shutdown: they wait for asynq's lease recovery. The workers hash (TTL 10 s) holds
-        # the last beat's view; the observer's last count stands in once it has expired.
+        # a clean exit 0 that leaves it), counted once per exit. Its in-flight tasks were never
+        # finished or requeued by a Shutdown: they wait for asynq's lease recovery. The workers
+        # hash (TTL 10 s) holds the last beat's view; the observer's last count stands in once
+        # it has expired.
         if not watch.leak_counted:
-            in_flight = 0
-            for m in present:
-                in_flight += await self.store.in_flight(m)
             self.metrics.leaked.inc()
-            self.metrics.abandoned.inc(in_flight or watch.in_flight)
             watch.leak_counted = True
+        in_flight = 0
+        for m in present:
+            if m.key not in watch.tasks_counted:
+                in_flight += await self.store.in_flight(m)
+                watch.tasks_counted.add(m.key)
+        if in_flight == 0 and not watch.fallback_tasks_counted:
+            in_flight = watch.in_flight
+        watch.fallback_tasks_counted = True
+        self.metrics.abandoned.inc(in_flight)
         names = ", ".join(m.key for m in present)
         if self.cfg.mode == "off":
             log.warning("worker pid %d on %s exited (%s) leaving %s; cleanup is off",
                         w.pid, w.host, exited.outcome, names)
+            watch.done.update(o.member.key for o in owned)
             return
         if self.cfg.mode == "dry-run":
             self.metrics.would_remove.labels(reason="worker_exit").inc(len(present))
             log.warning("worker pid %d on %s exited (%s) leaving %s; dry run: would remove it",
                         w.pid, w.host, exited.outcome, names)
+            watch.done.update(o.member.key for o in owned)
             return
-        removed = 0
         for m in present:
             result = await self.store.remove(m, seen[m.key])
             if result == KEPT:
                 log.warning("%s moved since the decision: a live server owns it; left alone", m.key)
             elif result == REMOVED:
-                removed += 1
+                self.metrics.removed.labels(reason="worker_exit").inc()
                 self._confirm_later(m, seen[m.key])
-        self.metrics.removed.labels(reason="worker_exit").inc(removed)
-        log.info("worker pid %d on %s exited (%s) leaving its registration: removed %s",
-                 w.pid, w.host, exited.outcome, names)
+                log.info("worker pid %d on %s exited (%s) leaving its registration: removed %s",
+                         w.pid, w.host, exited.outcome, m.key)
+            watch.done.add(m.key)
+        watch.done.update(o.member.key for o in owned)
 
     def _start_orphan_cleanup(self, member: asynq.Member, score: float) -> None:
         """Remove an expired registration that no live worker owns (reason previous_incarnation)."""

@@ -476,3 +476,19 @@ async def test_a_member_that_is_not_utf8_does_not_stop_the_observer(rdb, make_co
         conn, m = await start_worker(sc, rdb, 1, "fine")
         sc.submit(Exited(conn, signal="SIGKILL"))
         await eventually(lambda: gone_entirely(rdb, m), timeout=2, what="registration removed")
+
+
+async def test_a_removal_retried_after_redis_failed_counts_the_leak_and_tasks_once(rdb, make_config, redis_url):
+    cfg = make_config(redis=RedisConfig(url=redis_url, timeout=0.3))
+    async with Sidecar(cfg) as sc:
+        conn, m = await start_worker(sc, rdb, 1, "s1", tasks=2)
+        # Reads go through, writes (the removal scripts) time out for 1.5 s: the leak is seen and
+        # counted, the removal fails and is retried until Redis takes writes again.
+        rdb.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+        sc.submit(Exited(conn, signal="SIGKILL"))
+        await eventually(lambda: metric(sc, "asynq_sidecar_cleanup_errors_total") >= 2, timeout=5,
+                         what="failed removal attempts")
+        await eventually(lambda: gone_entirely(rdb, m), timeout=10, what="registration removed")
+        assert metric(sc, "asynq_sidecar_leaked_registrations_total") == 1
+        assert metric(sc, "asynq_sidecar_abandoned_tasks_total") == 2
+        assert metric(sc, "asynq_sidecar_registrations_removed_total", reason="worker_exit") == 1

@@ -54,9 +54,16 @@ def parse_listen(text: str) -> tuple[str, int]:
         except ValueError:
             if host != "localhost":
                 raise ConfigError("expected an IP address or localhost as HOST") from None
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if _digits(port_text) is None or not 0 <= int(port_text) <= 65535:
         raise ConfigError("expected a port from 0 to 65535 (0 picks a free one)")
     return host or "0.0.0.0", int(port_text)
+
+
+def _digits(text: str) -> int | None:
+    """The number in `text` when it is ASCII digits only (str.isdigit() also takes "²", which
+    int() refuses) and short enough to convert; else None."""
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
 
 
 def positive_seconds(text: str) -> float:
@@ -80,16 +87,18 @@ def seconds_or_zero(text: str) -> float:
 
 
 def positive_int(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
+    value = _digits(text)
+    if value is None or value < 1:
         raise ConfigError("expected a whole number of 1 or more")
-    return int(text)
+    return value
 
 
 def int_between(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        if not text.strip().isdigit() or not low <= int(text) <= high:
+        value = _digits(text)
+        if value is None or not low <= value <= high:
             raise ConfigError(f"expected a whole number from {low} to {high}")
-        return int(text)
+        return value
 
     return parse
 
@@ -104,6 +113,18 @@ def file_mode(text: str) -> int:
     return mode
 
 
+def uid_list(text: str) -> tuple[int, ...]:
+    """`1000` or `1000,1001` -> (1000, 1001): numeric user ids (names need a passwd file that
+    a distroless image lacks)."""
+    uids = []
+    for part in text.split(","):
+        uid = _digits(part)
+        if uid is None or uid > 2**32 - 2:
+            raise ConfigError("expected numeric user ids separated by commas, e.g. 1000 or 1000,1001")
+        uids.append(uid)
+    return tuple(dict.fromkeys(uids))
+
+
 def nonempty(text: str) -> str:
     if not text.strip():
         raise ConfigError("must not be empty")
@@ -114,8 +135,8 @@ def readable_file(text: str) -> str:
     try:
         with open(text, encoding="utf-8") as f:
             f.read(1)
-    except OSError as e:
-        raise ConfigError(f"cannot read it: {e.strerror or e}") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise ConfigError(f"cannot read it: {getattr(e, 'strerror', None) or e}") from None
     return text
 
 
@@ -144,7 +165,7 @@ def parse_sentinels(text: str) -> tuple[tuple[str, int], ...]:
     for part in text.split(","):
         host, sep, port = part.strip().rpartition(":")
         host = host.strip("[]")
-        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        if not sep or not host or _digits(port) is None or not 1 <= int(port) <= 65535:
             raise ConfigError("expected HOST:PORT[,HOST:PORT...], e.g. sentinel-0:26379,sentinel-1:26379")
         found.append((host, int(port)))
     return tuple(found)
@@ -154,6 +175,8 @@ def web_config_file(text: str) -> Any:
     """Read and check an exporter-toolkit web config file (see exporter.webconfig)."""
     from exporter.webconfig import WebConfigError, load
 
+    if "\0" in text:
+        raise ConfigError("cannot read it: a NUL byte in the path")
     try:
         return load(text)
     except WebConfigError as e:
@@ -241,6 +264,11 @@ OPTIONS: dict[str, Option] = {
                "Most lifecycle connections open at once; more are refused.", "N"),
         Option("hello-timeout", positive_seconds, 10.0,
                "Close a lifecycle connection that sends no hello within this many seconds.", "SECONDS"),
+        Option("socket-allow-uid", uid_list, None,
+               "Accept lifecycle connections only from processes running as these user ids "
+               "(checked with SO_PEERCRED, Linux); others are closed at once and counted as "
+               "peer_not_allowed. Root (0) is not implied. Default: whoever the socket's file "
+               "mode lets connect.", "UID,..."),
         # identity and timing
         Option("hostname", nonempty, _hostname,
                "Host name that the worker registers under (os.Hostname() of the worker; in "
@@ -297,7 +325,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
               "redis-tls-insecure-skip-verify", "redis-sentinel", "redis-sentinel-master",
               "redis-sentinel-password-file", "redis-cluster"),
     "http": ("listen", "web-config-file"),
-    "socket": ("socket", "socket-mode", "max-connections", "hello-timeout"),
+    "socket": ("socket", "socket-mode", "max-connections", "hello-timeout", "socket-allow-uid"),
     "worker": ("hostname", "watch-interval", "details-sharing", "poll-interval", "shutdown-budget", "stop-timeout"),
     "cleanup": ("cleanup", "settle", "sweep-interval", "grace", "sweep-batch"),
     "log": ("log-level", "log-format"),
@@ -466,11 +494,13 @@ class SocketConfig:
     max_connections: int = 64
     hello_timeout: float = 10.0
     max_line: int = 64 * 1024  # protocol v1: a line of at most 64 KiB
+    line_timeout: float = 10.0  # a line, once begun, must end within this many seconds
+    allow_uids: tuple[int, ...] = ()  # --socket-allow-uid; empty: the file mode decides
 
     @classmethod
     def from_values(cls, v: Mapping[str, Any]) -> SocketConfig:
         return cls(path=v["socket"], mode=v["socket_mode"], max_connections=v["max_connections"],
-                   hello_timeout=v["hello_timeout"])
+                   hello_timeout=v["hello_timeout"], allow_uids=v.get("socket_allow_uid") or ())
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 Each connection is a source: it parses protocol v1 lines and submits the events (stamped with
 the time they were received, or the sender's earlier time) to the sidecar's queue. Input is
-bounded (line length, messages per connection, connections, a first-message timeout); bad
-input is counted by reason, logged at a limited rate, and costs only its own connection.
+bounded (line length, messages per connection, connections, a first-message timeout, a time
+limit on a line once begun), peers may be restricted to some user ids (SO_PEERCRED); bad input
+is counted by reason, logged at a limited rate, and costs only its own connection.
 """
 
 from __future__ import annotations
@@ -86,14 +87,14 @@ def _remove_stale(path: str) -> None:
                            "choose another --socket")
 
 
-def _peer_pid(writer: asyncio.StreamWriter) -> int | None:
+def _peer_credentials(writer: asyncio.StreamWriter) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of the peer process, as the kernel recorded them when it connected."""
     sock = writer.get_extra_info("socket")
     try:
-        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                        struct.calcsize("3i")))
+        return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                   struct.calcsize("3i")))
     except (AttributeError, OSError):  # SO_PEERCRED is Linux's
         return None
-    return pid or None
 
 
 class LifecycleSocket:
@@ -122,6 +123,8 @@ class LifecycleSocket:
         return len(self._open)
 
     async def __aenter__(self) -> LifecycleSocket:
+        if self.cfg.allow_uids and not hasattr(socket, "SO_PEERCRED"):
+            raise OSError(f"--socket-allow-uid needs SO_PEERCRED, which {os.uname().sysname} lacks")
         sock = bind_unix_socket(self.cfg.path, self.cfg.mode)
         st = os.stat(self.cfg.path)
         self._inode = (st.st_dev, st.st_ino)
@@ -132,7 +135,8 @@ class LifecycleSocket:
             sock.close()
             self._unlink()
             raise
-        log.info("lifecycle socket listening on %s (mode %04o)", self.cfg.path, self.cfg.mode)
+        allowed = ", uids " + ",".join(map(str, self.cfg.allow_uids)) if self.cfg.allow_uids else ""
+        log.info("lifecycle socket listening on %s (mode %04o%s)", self.cfg.path, self.cfg.mode, allowed)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -154,9 +158,10 @@ class LifecycleSocket:
         except FileNotFoundError:
             pass
 
-    def _reject(self, conn: int | None, peer: int | None, reason: str, detail: str) -> None:
+    def _reject(self, conn: int | None, peer: int | None, reason: str, detail: str,
+                limit_key: str | None = None) -> None:
         self._stats.protocol_error(reason)
-        suppressed = self._limiter.allow(reason)
+        suppressed = self._limiter.allow(limit_key or reason)
         if suppressed is None:
             return
         who = "refused connection" if conn is None else f"connection {conn}"
@@ -166,8 +171,17 @@ class LifecycleSocket:
                     extra={"conn": conn, "peer_pid": peer, "reason": reason})
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = _peer_pid(writer)
+        creds = _peer_credentials(writer)
+        peer = (creds[0] or None) if creds is not None else None  # pid 0: not known
         if self._closing:
+            writer.transport.abort()
+            return
+        if self.cfg.allow_uids and (creds is None or creds[1] not in self.cfg.allow_uids):
+            uid = "unknown" if creds is None else str(creds[1])
+            allowed = ",".join(map(str, self.cfg.allow_uids))
+            self._reject(None, peer, "peer_not_allowed",
+                         f"uid {uid} is not in --socket-allow-uid {allowed}",
+                         limit_key=f"peer_not_allowed:{uid}")  # one line per uid and interval
             writer.transport.abort()
             return
         if len(self._open) >= self.cfg.max_connections:
@@ -183,6 +197,11 @@ class LifecycleSocket:
         log.debug("lifecycle connection %d opened (peer pid %s)", conn, peer)
         try:
             await self._serve(conn, peer, reader)
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise
+            # The sidecar stops with this worker still connected: end quietly (Python 3.11's
+            # stream callback would log a cancelled handler as an error with a traceback).
         except (ConnectionError, OSError) as e:
             log.debug("lifecycle connection %d failed: %s", conn, e)
         except Exception:  # a bug here must cost this connection only
@@ -201,15 +220,32 @@ class LifecycleSocket:
         previous: float | None = None
         for _ in range(MAX_MESSAGES):
             at_eof = False
+            first = b""
+            timeout = "hello_timeout"  # which limit a TimeoutError below stands for
             try:
+                # Waiting for a line to begin is bounded only until hello: a worker then stays
+                # quiet for its whole life. A line once begun must end within line_timeout.
                 async with asyncio.timeout_at(hello_deadline):
-                    line = await reader.readuntil(b"\n")
+                    first = await reader.readexactly(1)
+                line = first
+                if first != b"\n":
+                    line_deadline = loop.time() + self.cfg.line_timeout
+                    if hello_deadline is None or line_deadline < hello_deadline:
+                        timeout = "line_timeout"
+                    else:
+                        line_deadline = hello_deadline
+                    async with asyncio.timeout_at(line_deadline):
+                        line = first + await reader.readuntil(b"\n")
             except TimeoutError:
-                self._reject(conn, peer, "hello_timeout",
-                             f"no hello within {self.cfg.hello_timeout:g}s (--hello-timeout); closing")
+                if timeout == "hello_timeout":
+                    self._reject(conn, peer, "hello_timeout",
+                                 f"no hello within {self.cfg.hello_timeout:g}s (--hello-timeout); closing")
+                else:
+                    self._reject(conn, peer, "line_timeout",
+                                 f"a line begun but not ended within {self.cfg.line_timeout:g}s; closing")
                 return
             except asyncio.IncompleteReadError as e:  # end of stream: a last line without newline?
-                line, at_eof = e.partial, True
+                line, at_eof = first + e.partial, True
                 if not line.strip():
                     return
             except asyncio.LimitOverrunError:
@@ -220,6 +256,8 @@ class LifecycleSocket:
             result = protocol.parse(line, conn)
             if isinstance(result, protocol.Invalid):
                 self._reject(conn, peer, result.reason, result.detail)
+                if result.reason == "oversized":  # one byte over the reader's limit
+                    return
             else:
                 at = protocol.event_time(result.time, received, previous)
                 previous = at

@@ -1,0 +1,247 @@
+"""Real processes for the fault and hostile-input tests: an `asynq-sidecar serve` process, a
+bystander server that must survive every fault, and a worker run by the launcher."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis as redis_sync
+
+from exporter import asynq
+from exporter.redis_server import RedisServer, free_port
+from tests.helpers import eventually, samples
+from tests.lifecycle_helpers import HOST, ROOT
+
+EMULATE = (sys.executable, "-m", "exporter", "emulate")
+#: The bystander: a live server of the sidecar's own host under a pid no test worker has.
+BYSTANDER_PID = 4_000_000
+BYSTANDER_ID = "bystander"
+
+
+def gone_entirely(rdb: redis_sync.Redis, m: asynq.Member) -> bool:
+    w = m.sibling("workers")
+    return (rdb.zscore(asynq.SERVERS, m.key) is None and rdb.zscore(asynq.WORKERS, w.key) is None
+            and not rdb.exists(m.key) and not rdb.exists(w.key))
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+# ---------------------------------------------------------------- the processes under test
+
+
+class Serve:
+    """An `asynq-sidecar serve` process; its log goes to a file, /metrics on a fixed port (so
+    that a restarted sidecar is found where the old one was)."""
+
+    def __init__(self, tmp_path: Path, redis_url: str, socket_path: str, *args: str,
+                 port: int | None = None, name: str = "serve") -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / f"{name}.log"
+        self.argv = [sys.executable, "-m", "exporter", "serve", "--redis-url", redis_url,
+                     "--listen", f"127.0.0.1:{self.port}", "--socket", socket_path,
+                     "--hostname", HOST, "--poll-interval", "0.1", "--watch-interval", "0.5",
+                     "--log-level", "info", *args]
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> Serve:
+        with open(self.log_path, "ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=log, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        await eventually(self._healthy, timeout=15, what=f"serve on {self.url}; log:\n{self.log()}")
+        return self
+
+    async def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.returncode is not None:
+            raise AssertionError(f"serve exited {self.proc.returncode}:\n{self.log()}")
+        try:
+            async with aiohttp.ClientSession() as s, s.get(self.url + "/healthz") as r:
+                return r.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def scrape(self) -> dict:
+        async with aiohttp.ClientSession() as s, s.get(self.url + "/metrics") as r:
+            assert r.status == 200
+            return samples(await r.text())
+
+    async def value(self, name: str, **labels: str) -> float | None:
+        return (await self.scrape()).get((name, tuple(sorted(labels.items()))))
+
+    async def wait_for(self, name: str, expected: float, timeout: float = 10.0, **labels: str) -> None:
+        async def check() -> bool:
+            return await self.value(name, **labels) == expected
+        await eventually(check, timeout=timeout, what=f"{name}{labels} == {expected}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"serve still running after {timeout}s:\n{self.log()}") from None
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+class Bystander:
+    """A live server of HOST (another pid) beating every 0.5 s from an emulator process, and a
+    thread that reads its registration every 5 ms and records every moment it was missing while
+    Redis answered. A removal is seen even though the next beat would write it back."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self.member = asynq.server_member(HOST, BYSTANDER_PID, BYSTANDER_ID)
+        self.missing: list[tuple[float, tuple]] = []
+        self.reads = 0
+        self._stop = threading.Event()
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> Bystander:
+        self.proc = await asyncio.create_subprocess_exec(
+            *EMULATE, "--redis-url", self.redis_url, "--host", HOST, "--pid", str(BYSTANDER_PID),
+            "--server-id", BYSTANDER_ID, "--heartbeat", "0.5", "--tasks", "2",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        rdb = redis_sync.Redis.from_url(self.redis_url)
+        try:
+            await eventually(lambda: rdb.zscore(asynq.SERVERS, self.member.key), timeout=10,
+                             what="the bystander registered")
+        finally:
+            rdb.close()
+        self._thread = threading.Thread(target=self._watch, name="bystander-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        client = redis_sync.Redis.from_url(self.redis_url, socket_timeout=0.2, socket_connect_timeout=0.2)
+        w = self.member.sibling("workers")
+        while not self._stop.is_set():
+            try:
+                pipe = client.pipeline(transaction=False)
+                pipe.zscore(asynq.SERVERS, self.member.key)
+                pipe.zscore(asynq.WORKERS, w.key)
+                pipe.exists(self.member.key, w.key)
+                seen = tuple(pipe.execute())
+                self.reads += 1
+                if seen[0] is None or seen[1] is None or seen[2] != 2:
+                    self.missing.append((time.time(), seen))
+            except (redis_sync.RedisError, OSError):
+                pass  # Redis down or paused: nothing to see
+            self._stop.wait(0.005)
+        client.close()
+
+    def assert_intact(self, *sidecars: Serve) -> None:
+        """Never missing, alive now, never named by a sidecar (not even as "left alone")."""
+        assert self.missing == [], f"the bystander's registration went missing: {self.missing[:5]}"
+        assert self.reads > 0
+        assert self.proc is not None and self.proc.returncode is None, "the bystander died"
+        rdb = redis_sync.Redis.from_url(self.redis_url)
+        try:
+            assert rdb.zscore(asynq.SERVERS, self.member.key) >= time.time()
+            assert rdb.exists(self.member.key)
+        finally:
+            rdb.close()
+        for sc in sidecars:
+            assert self.member.tag not in sc.log(), f"{sc.log_path.name} touched the bystander"
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+@dataclass
+class Faults:
+    """What a fault test starts; everything is stopped at the end, by pid."""
+
+    tmp_path: Path
+    socket_path: str
+    sidecars: list[Serve] = field(default_factory=list)
+    servers: list[RedisServer] = field(default_factory=list)
+    bystanders: list[Bystander] = field(default_factory=list)
+
+    def redis(self, persistent: bool = False) -> RedisServer:
+        extra = ("--appendonly", "yes", "--appendfsync", "always") if persistent else ()
+        server = RedisServer(extra_args=extra).start()
+        self.servers.append(server)
+        return server
+
+    async def bystander(self, redis_url: str) -> Bystander:
+        b = Bystander(redis_url)
+        self.bystanders.append(b)
+        return await b.start()
+
+    async def serve(self, redis_url: str, *args: str, port: int | None = None) -> Serve:
+        sc = Serve(self.tmp_path, redis_url, self.socket_path, *args, port=port,
+                   name=f"serve-{len(self.sidecars)}")
+        self.sidecars.append(sc)
+        return await sc.start()
+
+    async def close(self) -> None:
+        for sc in self.sidecars:
+            await sc.kill()
+        for b in self.bystanders:
+            await b.close()
+        for server in self.servers:
+            server.close()
+
+
+@pytest.fixture
+async def faults(tmp_path, tmp_socket):
+    f = Faults(tmp_path, tmp_socket)
+    yield f
+    await f.close()
+
+
+async def start_worker(processes, faults: Faults, redis_url: str, *emulator_args: str):
+    """`asynq-sidecar run -- asynq-sidecar emulate ...` under HOST; returns the launcher, the
+    emulator's pid and its registration, once it is in Redis."""
+    w = await processes.launcher(faults.socket_path, command=(
+        *EMULATE, "--redis-url", redis_url, "--host", HOST, "--heartbeat", "0.5", "--tasks", "1",
+        *emulator_args))
+    rdb = redis_sync.Redis.from_url(redis_url)
+
+    def registered() -> asynq.Member | None:
+        for raw, _ in rdb.zscan_iter(asynq.SERVERS, match=f"asynq:servers:{{{HOST}:*}}"):
+            m = asynq.parse_member(raw)
+            if m.pid != BYSTANDER_PID:
+                return m
+        return None
+
+    try:
+        m = await eventually(registered, timeout=15, what="the worker's registration")
+    finally:
+        rdb.close()
+    w.child_pid = m.pid
+    return w, m.pid, m

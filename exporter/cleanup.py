@@ -38,8 +38,11 @@ from exporter.lifecycle import Decision, RegistrationSeen, Worker, WorkerExited,
 log = logging.getLogger("exporter.cleanup")
 
 #: A registration counts as the worker's when its ServerInfo.start_time is no earlier than the
-#: worker's start less this many seconds (the worker and the sidecar share a clock in a pod).
-OWNERSHIP_SKEW = 2.0
+#: worker's start less this many seconds. The worker, the launcher and the sidecar of a pod read
+#: one kernel clock; asynq stamps start_time after the process started, so a small allowance
+#: (for a hello sent late, without started_at) does; a large one would let a life claim the
+#: registration of the life just before it when a crash loop restarts within it.
+OWNERSHIP_SKEW = 0.5
 
 #: Reasons of asynq_sidecar_registrations_removed_total.
 REASONS = ("worker_exit", "previous_incarnation", "sweep")

@@ -222,7 +222,8 @@ async def test_start_up_removes_expired_registrations_of_this_host(rdb, make_con
     live = register_server(rdb, HOST, 9, "live", now + 10)
     async with Sidecar(make_config(hostname=HOST)) as sc:
         await eventually(lambda: not registration_present(rdb, dead), what="orphan removed")
-        assert metric(sc, "asynq_sidecar_registrations_removed_total", reason="previous_incarnation") == 1
+        await eventually(lambda: metric(sc, "asynq_sidecar_registrations_removed_total",
+                                        reason="previous_incarnation") == 1, what="the removal counted")
     assert registration_present(rdb, fresh) and registration_present(rdb, live)
 
 
@@ -332,7 +333,8 @@ async def test_start_up_scan_waits_for_redis_when_it_is_down_at_start(make_confi
             await eventually(lambda: sc.health.up is False, what="the sidecar to find Redis down")
             server.start()
             await eventually(lambda: not registration_present(rdb, dead), timeout=20, what="orphan removed")
-            assert metric(sc, "asynq_sidecar_registrations_removed_total", reason="previous_incarnation") == 1
+            await eventually(lambda: metric(sc, "asynq_sidecar_registrations_removed_total",
+                                            reason="previous_incarnation") == 1, what="the removal counted")
         rdb.close()
     finally:
         server.close()

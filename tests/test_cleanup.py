@@ -494,3 +494,66 @@ async def test_a_removal_retried_after_redis_failed_counts_the_leak_and_tasks_on
         assert metric(sc, "asynq_sidecar_leaked_registrations_total") == 1
         assert metric(sc, "asynq_sidecar_abandoned_tasks_total") == 2
         assert metric(sc, "asynq_sidecar_registrations_removed_total", reason="worker_exit") == 1
+
+
+# ---------------------------------------------------------------- whole scenarios, generated
+
+_fates = st.sampled_from(["alive", "alive-connection-lost", "dead-reported", "dead-lost"])
+_workers = st.lists(st.tuples(st.sampled_from([1, 2]), st.booleans(), _fates), min_size=1, max_size=4)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(workers=_workers)
+def test_generated_fleets_lose_every_dead_registration_and_keep_every_live_one(redis_url, workers):
+    """Workers on one host (pids collide: two PID-1 containers), with or without a reported
+    server id, that stay alive and beating, stay alive but lose their connection, or die with an
+    exit report or without one, all at once. Afterwards every live registration is still there
+    and every dead one is gone."""
+
+    async def scenario() -> None:
+        rdb = redis_sync.Redis.from_url(redis_url)
+        rdb.flushall()
+        cfg = generated_config(redis_url)
+        async with Sidecar(cfg) as sc, Beating(redis_url, every=0.05) as beat:
+            conns = []
+            for i, (pid, reports_id, fate) in enumerate(workers):
+                sid = f"server-{i}"
+                conn = sc.new_conn_id()
+                started = time.time()
+                sc.submit(Hello(conn, pid=pid, host=HOST, server_id=sid if reports_id else None,
+                                started_at=started))
+                m = register_server(rdb, HOST, pid, sid, time.time() + 10, start_time=started + 0.001)
+                if fate.startswith("alive"):
+                    beat.members.append(m)
+                conns.append((conn, m, fate))
+            await eventually(lambda: all(running(sc, c) for c, _, _ in conns), timeout=5, what="all running")
+            for conn, _, fate in conns:
+                if fate == "dead-reported":
+                    sc.submit(Exited(conn, signal="SIGKILL"))
+                elif fate in ("dead-lost", "alive-connection-lost"):
+                    sc.submit(Disconnected(conn))
+            def applied(conn: int, fate: str) -> bool:
+                w = sc.tracker.workers.get(conn)
+                return fate == "alive" or w is None or w.state is State.EXITED
+
+            await eventually(lambda: all(applied(c, f) for c, _, f in conns), what="the exits applied")
+            await eventually(lambda: sc.cleanup.idle, timeout=10, what="every cleanup finished")
+            for _, m, fate in conns:
+                if fate.startswith("alive"):
+                    assert registration_present(rdb, m), f"{fate} {m.key} was removed"
+                else:
+                    assert gone_entirely(rdb, m), f"{fate} {m.key} was left behind"
+        rdb.close()
+
+    asyncio.run(scenario())
+
+
+def generated_config(redis_url: str):
+    import tempfile
+
+    from exporter.config import LogConfig, ServeConfig, SocketConfig
+
+    return ServeConfig(redis=RedisConfig(url=redis_url, timeout=1.0), listen=("127.0.0.1", 0),
+                       socket=SocketConfig(path=tempfile.mktemp(prefix="s", dir="/tmp")), log=LogConfig(),
+                       cleanup=CleanupConfig(settle=0.3), hostname=HOST, watch_interval=5.0,
+                       poll_interval=0.05)

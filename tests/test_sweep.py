@@ -446,5 +446,5 @@ def test_cli_unreachable_redis_exits_2_with_masked_url():
 def test_cli_rejects_a_batch_out_of_range():
     proc = run_cli("--sweep-batch", "0")
     assert proc.returncode == 2
-    assert "--sweep-batch: invalid value '0': expected a whole number from 1 to 5000" in proc.stderr
+    assert "--sweep-batch: invalid value '0': expected a whole number from 1 to 1000" in proc.stderr
     assert "ASYNQ_SIDECAR_SWEEP_BATCH; default 500]" in " ".join(run_cli("--help").stdout.split())

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -33,6 +32,7 @@ import yaml
 
 from exporter.redis_server import free_port
 from tests.conftest import require_tool
+from tests.helpers import eventually, wait_until
 
 T = TypeVar("T")
 
@@ -191,30 +191,20 @@ class Prometheus:
 
     def wait_for(self, check: Callable[[], T], *, timeout: float = 20.0, interval: float = 0.25,
                  what: str = "condition") -> T:
-        """Call `check` until it returns something truthy; fail after `timeout` seconds with
-        the last result and the tail of Prometheus's log."""
-        deadline = time.monotonic() + timeout
-        while True:
-            result = check()
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what} "
-                                     f"(last: {result!r})\nprometheus log:\n{self.log()}")
-            time.sleep(interval)
+        """`tests.helpers.wait_until`, failing with the tail of Prometheus's log as well."""
+        try:
+            return wait_until(check, timeout=timeout, interval=interval, what=what)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nprometheus log:\n{self.log()}") from None
 
     async def eventually(self, check: Callable[[], T], *, timeout: float = 20.0,
                          interval: float = 0.25, what: str = "condition") -> T:
         """`wait_for` from an event loop: `check` runs in a thread, the loop keeps serving."""
-        deadline = time.monotonic() + timeout
-        while True:
-            result = await asyncio.to_thread(check)
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what} "
-                                     f"(last: {result!r})\nprometheus log:\n{self.log()}")
-            await asyncio.sleep(interval)
+        try:
+            return await eventually(lambda: asyncio.to_thread(check), timeout=timeout,
+                                    interval=interval, what=what)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nprometheus log:\n{self.log()}") from None
 
 
 @pytest.fixture

@@ -299,14 +299,6 @@ class Cleanup:
     def idle(self) -> bool:
         return self._idle.is_set()
 
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no cleanup is in progress; False if `timeout` passed first."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
-
     # ------------------------------------------------------------ observer (a source)
 
     async def observe_forever(self) -> None:

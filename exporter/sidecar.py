@@ -157,8 +157,14 @@ class Sidecar:
         for task in tasks:
             task.cancel()
         # redis-py (8.x, on Python 3.11) can swallow a cancellation that lands while it opens a
-        # connection, and the task then runs on: cancel whatever is left until all have ended.
+        # connection, and the task then runs on: cancel whatever is left until all have ended,
+        # for at most SHUTDOWN_DEADLINE seconds.
+        deadline = time.monotonic() + SHUTDOWN_DEADLINE
         while tasks:
+            if time.monotonic() >= deadline:
+                log.warning("stopping without waiting for %s: it did not end within %.0fs",
+                            ", ".join(t.get_name() for t in tasks), SHUTDOWN_DEADLINE)
+                return
             _, pending = await asyncio.wait(tasks, timeout=0.1)
             for task in pending:
                 task.cancel()

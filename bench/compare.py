@@ -5,7 +5,7 @@ returns every live member of asynq:servers (ZRANGEBYSCORE now +inf) and removes 
 (ZREMRANGEBYSCORE -inf now-1), then one GET per member, each a round trip of its own, each value
 decoded. `inspector_servers` below does exactly that. An exporter built on it pays that on every
 scrape. Ours pays, per scrape, one pipeline of 9 O(log N) commands (`read_counts`), and reads the
-details in the watcher, in pages of 1,000 with pipelined GETs (`read_details`).
+details in the watcher, in pages of 250 with one MGET each (`read_details`).
 
 All three run in this process with the same client library (redis-py asyncio), against the same
 private Redis holding N live servers, so the ratios compare the approaches, not the languages.

@@ -166,6 +166,14 @@ def decode_server_info(data: bytes) -> ServerInfo:
     )
 
 
+def decode_server_load(data: bytes) -> tuple[str, int, int]:
+    """(status, concurrency, active_worker_count) of a ServerInfo: all the details watcher
+    aggregates, without building the full ServerInfo (a third of the cost, read 100,000 times
+    per interval by a fleet's details leader)."""
+    msg = _parse(asynqpb.ServerInfo, data)
+    return msg.status, msg.concurrency, msg.active_worker_count
+
+
 def decode_worker_info(data: bytes) -> WorkerInfo:
     msg = _parse(asynqpb.WorkerInfo, data)
     return WorkerInfo(

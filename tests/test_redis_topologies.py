@@ -87,7 +87,7 @@ async def exercise(redis_cfg: RedisConfig, client, make_config, *, fleet: int = 
         for set_name in ("servers", "workers"):
             assert value(text, "asynq_registry_entries", set=set_name, state="live") == fleet
             assert value(text, "asynq_registry_entries", set=set_name, state="expired") == 1
-        assert value(text, "asynq_registry_concurrency") == 3 * fleet  # pipelined GETs, every slot
+        assert value(text, "asynq_registry_concurrency") == 3 * fleet  # every slot: pipelined GETs on a cluster
         assert value(text, "asynq_registry_active_tasks") == fleet
 
         conn, dying = await start_worker(sc, client, 42, "dying")

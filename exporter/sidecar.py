@@ -27,7 +27,7 @@ from exporter.lifecycle_metrics import LifecycleLog, LifecycleMetrics
 from exporter.lifesocket import LifecycleSocket
 from exporter.metrics import RegistryCollector, new_registry
 from exporter.redisconn import SentinelMaster, connect
-from exporter.registry import DetailsWatcher, RegistryCounts
+from exporter.registry import DetailsWatcher, RegistryCounts, ScrapesFirst
 from exporter.sweep import Sweeper, sweep_periodically
 
 log = logging.getLogger("exporter.sidecar")
@@ -89,7 +89,8 @@ class Sidecar:
     async def _before_scrape(self) -> None:
         self._last_scrape = time.monotonic()
         self._changed.set()
-        await self.counts.refresh()
+        with self.scrapes_first.scraping():  # the details read steps aside meanwhile
+            await self.counts.refresh()
 
     def _settled(self) -> bool:
         """No live worker, no cleanup in progress, and (when anything scrapes this sidecar)
@@ -176,8 +177,9 @@ class Sidecar:
         self._stack.push_async_callback(self.redis.aclose)
 
         self.counts = RegistryCounts(self.redis, self.health)
+        self.scrapes_first = ScrapesFirst()
         self.watcher = DetailsWatcher(self.redis, self.health, cfg.watch_interval,
-                                      shared=cfg.details_sharing,
+                                      shared=cfg.details_sharing, scrapes_first=self.scrapes_first,
                                       identity=f"{cfg.hostname}:{os.getpid()}:{id(self):x}")
         self.registry.register(RegistryCollector(self.counts, self.watcher, self.health))
         self._stack.push_async_callback(self.watcher.release)

@@ -258,3 +258,40 @@ async def test_the_full_read_in_pages_and_chunks_counts_every_server_once(rdb, a
     assert (d.servers, d.concurrency, d.active_tasks) == (22, 44, 22)
     assert d.by_status == {"active": 14, "closed": 8}
     assert bad == {"server_info": 1}
+
+
+async def test_the_full_read_steps_aside_while_a_scrape_is_in_flight(rdb, ardb):
+    from exporter.registry import ScrapesFirst, read_details
+
+    now = time.time()
+    for i in range(12):
+        register_server(rdb, "a", i, f"s{i}", now + 10, concurrency=1)
+    gate = ScrapesFirst(limit=60.0)
+    turns = 0
+
+    async def turn() -> None:
+        nonlocal turns
+        turns += 1
+        await gate.turn()
+
+    with gate.scraping():
+        read = asyncio.ensure_future(read_details(ardb, now, lambda kind: None, page=5, turn=turn))
+        await eventually(lambda: turns == 1, what="the read's first step")
+        for _ in range(50):  # the loop is free; the read still waits for the scrape to end
+            await asyncio.sleep(0)
+        assert (turns, read.done()) == (1, False)
+    d = await asyncio.wait_for(read, 10)
+    assert (d.servers, d.concurrency) == (12, 12)
+    assert turns == 6  # after each of 3 pages' ZRANGE and each of their MGETs
+
+
+async def test_a_client_that_never_stops_scraping_slows_the_read_but_cannot_stop_it(rdb, ardb):
+    from exporter.registry import ScrapesFirst, read_details
+
+    now = time.time()
+    for i in range(12):
+        register_server(rdb, "a", i, f"s{i}", now + 10, concurrency=1)
+    gate = ScrapesFirst(limit=0.01)
+    with gate.scraping():
+        d = await asyncio.wait_for(read_details(ardb, now, lambda kind: None, page=5, turn=gate.turn), 10)
+    assert d.servers == 12

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
 
@@ -52,8 +53,8 @@ async def test_every_exported_metric_is_documented_with_its_type_and_labels(make
     hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)).decode()
     (tmp_path / "web.yml").write_text(f"basic_auth_users:\n  prometheus: '{hashed}'\n")
     async with Sidecar(make_config(web=webconfig.load(str(tmp_path / "web.yml")))) as sc:
-        auth = aiohttp.BasicAuth("prometheus", "pw")
-        async with aiohttp.ClientSession(auth=auth) as s, s.get(sc.http_url + "/metrics") as r:
+        auth = {"Authorization": "Basic " + base64.b64encode(b"prometheus:pw").decode()}
+        async with aiohttp.ClientSession(headers=auth) as s, s.get(sc.http_url + "/metrics") as r:
             with_web = families(await r.text())
     assert set(with_web) - set(exported) == WEB_ONLY
     exported = with_web

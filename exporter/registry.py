@@ -153,9 +153,9 @@ async def read_details(redis: Redis, now: float, on_undecodable: Callable[[str],
     Memory is bounded by the page size, not by the fleet. Members come in pages of `page`
     (ranges by score with LIMIT); their ServerInfo in `chunk`s. After each reply, before the
     work on it, `turn` is awaited: it yields the event loop (the sidecar's also waits out the
-    scrapes in flight: see ScrapesFirst), so that a scrape waits behind one step at most. A chunk is one
-    MGET; on a Redis Cluster, where every server's key has a hash tag of its own (so an MGET
-    of two would be CROSSSLOT), a pipeline of GETs that the client routes by slot.
+    scrapes in flight: see ScrapesFirst), so that a scrape waits behind one step at most. A
+    chunk is one MGET; on a Redis Cluster, where every server's key has a hash tag of its own
+    (so an MGET of two would be CROSSSLOT), a pipeline of GETs that the client routes by slot.
 
     Only one sidecar per fleet makes this read, but it makes it every interval, so its cost is
     measured (bench/watcher.py, and the leader's scrape latency in bench/scrape.py). At

@@ -17,6 +17,9 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 if [[ "$extras" == *test* ]]; then
   command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
   command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+  # protoc alone lacks the well-known types (google/protobuf/timestamp.proto) that asynq.proto imports.
+  [ -f /usr/include/google/protobuf/timestamp.proto ] || need_apt+=(libprotobuf-dev)
+  command -v faketime >/dev/null 2>&1 || need_apt+=(faketime)  # the clock-skew tests
   command -v redis-sentinel >/dev/null 2>&1 || need_apt+=(redis-sentinel)
   command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)  # the TLS tests' certificates
 fi

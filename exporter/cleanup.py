@@ -1,20 +1,22 @@
-"""The safety net: find each watched worker's registration, and remove it when the worker dies.
+"""The safety net: find each watched worker's registration, and remove it once the worker is gone.
 
-`RegistrationObserver` follows every live worker: it discovers the `asynq:servers` members the
-worker owns (ZSCAN MATCH `{host:pid:*}` until found, then O(1) ZSCORE/HLEN per tick), reports
-them to the tracker (a worker becomes running when its registration appears), and snapshots
-its in-flight task count. `Cleanup` (a sink) acts on `WorkerExited`: it removes what the dead
-worker still owns, exactly as asynq's ClearServerState would have, and never anything live:
+Three jobs, one rule (`exporter/removal.py`):
 
-- every ZREM is a script on that one sorted set that removes the member only if its score has
-  not advanced past the score seen when the decision was made (a heartbeat since = alive);
-- after a lost connection (no exit report), it first waits `--settle` (> one 5 s heartbeat)
-  and proceeds only if the score did not move meanwhile;
-- scripts touch one key each, and the per-server STRING and HASH (one hash tag, one slot) are
-  deleted together only after their sorted-set members went: safe on Redis Cluster.
+- **Observer** (a source): follows every live worker, finds the `asynq:servers` members of its
+  host and pid, classifies them (`removal.claim`), reports the worker's to the tracker (a worker
+  becomes running when its registration appears) and snapshots its in-flight task count.
+- **Reaper** (a sink of `WorkerExited`): watches what the departed worker left to the end. A
+  registration proven the dead worker's goes at once; any other goes once Redis's clock is past
+  its expiry by more than `--settle`; one still beating is looked at again when it would expire;
+  one written again after the exit (asynq's late heartbeat, #979) is found by the looks that go
+  on for a registration TTL after the exit, and removed and counted as a leak.
+- **Orphans**: expired registrations of earlier lives of a watched host and pid, and of this
+  host at start-up, removed by the same rule (reason `previous_incarnation`).
 
-A cleanup that cannot reach Redis stays pending and is retried with backoff until it succeeds.
-Each removal is read back `CONFIRM_AFTER` seconds later and redone if a failover undid it.
+Every removal is one script per sorted set, conditional on what was seen (see removal.py); the
+per-server STRING and HASH (one hash tag, one slot) are deleted after their members went, so
+all of it works on Redis Cluster. Each removal is read back `CONFIRM_AFTER` seconds later and
+redone if a failover undid it. Work that cannot reach Redis is retried with backoff.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,35 +35,21 @@ from redis.asyncio import Redis
 from exporter import asynq
 from exporter.config import CleanupConfig
 from exporter.health import REDIS_FAILURES, RedisHealth
-from exporter.lifecycle import Decision, RegistrationSeen, Worker, WorkerExited, WorkerStarted
+from exporter.lifecycle import (Decision, RegistrationSeen, ServerIdReported, Worker, WorkerExited,
+                                WorkerForgotten, WorkerStarted)
+from exporter.redisclock import RedisClock
+from exporter.removal import (ABSENT, KEPT, REMOVE_IF_UNCHANGED, REMOVED, Claim, Verdict, claim,
+                              verdict)
 
 log = logging.getLogger("exporter.cleanup")
 
-#: A registration counts as the worker's when its ServerInfo.start_time is no earlier than the
-#: worker's start less this many seconds. The worker, the launcher and the sidecar of a pod read
-#: one kernel clock; asynq stamps start_time after the process started, so a small allowance
-#: (for a hello sent late, without started_at) does; a large one would let a life claim the
-#: registration of the life just before it when a crash loop restarts within it.
-OWNERSHIP_SKEW = 0.5
-
 #: Reasons of asynq_sidecar_registrations_removed_total.
-REASONS = ("worker_exit", "previous_incarnation", "sweep")
-
-# KEYS[1] = a sorted set, ARGV[1] = member, ARGV[2] = the score seen when deciding.
-# Returns 1 removed, 0 kept (the score advanced: a heartbeat since the decision), -1 absent.
-_ZREM_IF_NOT_ADVANCED = """
-local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not s then return -1 end
-if tonumber(s) > tonumber(ARGV[2]) then return 0 end
-return redis.call('ZREM', KEYS[1], ARGV[1])
-"""
-
-REMOVED, KEPT, ABSENT = 1, 0, -1
+REMOVAL_REASONS = ("worker_exit", "previous_incarnation", "sweep")
 
 #: Redis operations of the cleanup and the observer in flight at once (see RegistrationStore).
 STORE_CONCURRENCY = 16
 
-#: Seconds between discovery scans once the quick first looks are over.
+#: Seconds between discovery looks once the quick first looks are over.
 DISCOVERY_BACKOFF = 10.0
 
 #: A worker with no registration found this long after its hello is worth a warning.
@@ -72,14 +60,41 @@ UNREGISTERED_WARNING = 30.0
 #: replaced by a replica (Sentinel or Cluster failover) may have taken the write with it.
 CONFIRM_AFTER = 10.0
 
-#: Background removals (earlier incarnations, the start-up scan) and read-backs run at most this
-#: many at once. A crash loop leaves hundreds of expired registrations of one host and pid, and
-#: redis-py's pool refuses, rather than queues, an operation beyond its 100 connections.
+#: Background work (orphan removals, read-backs, the full look for earlier lives) runs at most
+#: this many at once: a crash loop leaves hundreds of expired registrations of one host and pid,
+#: and redis-py's pool refuses, rather than queues, an operation beyond its 100 connections.
 BACKGROUND_CONCURRENCY = 8
+
+#: A discovery reads members by score (O(log N + live)) while the live part of the set is at
+#: most this share of it, so that a backlog of leaked entries costs nothing; otherwise it scans.
+RANGE_READ_SHARE = 0.5
+RANGE_PAGE = 1000
+
+#: Seconds to look for a registration written after the process is gone (writes in flight).
+LOOK_AFTER_EXIT = 1.0
+
+#: Redis's clock is measured again when it was last measured this long ago (seconds).
+CLOCK_RESYNC = 30.0
+
+Seen = tuple[float | None, float | None]  # scores in asynq:servers and asynq:workers
+
+
+async def retry_with_backoff(what: Callable[[], Awaitable[Any]], *, on_failure: Callable[[BaseException, float], None],
+                             first: float = 0.1, cap: float = 5.0) -> Any:
+    """Call `what` until it does not fail with a Redis failure, waiting a jittered, doubling
+    delay (from `first` to `cap` seconds) between attempts; `on_failure(error, delay)` first."""
+    delay = first
+    while True:
+        try:
+            return await what()
+        except REDIS_FAILURES as e:
+            on_failure(e, delay)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, cap)
 
 
 class CleanupMetrics:
-    """The cleanup's contract metrics, on an injected registry."""
+    """The cleanup's metrics, on an injected registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.leaked = Counter("asynq_sidecar_leaked_registrations",
@@ -98,80 +113,101 @@ class CleanupMetrics:
         self.abandoned = Counter("asynq_sidecar_abandoned_tasks",
                                  "In-flight tasks of workers that exited uncleanly, left to asynq's "
                                  "lease recovery.", registry=registry)
-        for reason in REASONS:
+        for reason in REMOVAL_REASONS:
             self.removed.labels(reason=reason)
             self.would_remove.labels(reason=reason)
 
 
 @dataclass
 class Owned:
-    """A registration taken to be the worker's, with the score last seen. `sure` when it carries
-    the server id the worker reported; otherwise it is only probable (it started within the
-    worker's life), and a removal needs more evidence when there is more than one."""
+    """A `{host:pid:*}` registration found for a worker: whose it is, and its score last seen."""
 
     member: asynq.Member
+    claim: Claim
     score: float | None = None
-    sure: bool = False
-    changed_at: float | None = None  # time.monotonic() when the observer last saw the score move
+    doubted: bool = False  # moved after being taken for a dead worker's: only expiry removes it
 
 
 @dataclass
 class Watch:
-    """What the observer knows about one live worker. Touched only by the event task (creation,
-    removal) and the observer (its fields): both run on the one event loop."""
+    """What the observer knows about one worker. Touched only from the one event loop."""
 
     worker: Worker
     owned: dict[str, Owned] = field(default_factory=dict)  # member key -> Owned
-    in_flight: int = 0  # size of the workers hash at the last tick
+    in_flight: int = 0  # in-flight tasks of its live registrations at the last tick
     reported: set[str] = field(default_factory=set)  # members already sent to the tracker
     next_discovery: float = 0.0
     discoveries: int = 0
-    max_gap: float = 0.0  # longest time the observer saw between two heartbeats
     warned_unregistered: bool = False
-    leak_counted: bool = False  # the cleanup counted the leak (a retry must not count it again)
-    # What the cleanup has finished with, so that a retry after a Redis failure repeats nothing:
-    done: set[str] = field(default_factory=set)  # members removed, left alone or found gone
-    tasks_counted: set[str] = field(default_factory=set)  # members whose tasks were counted
-    fallback_tasks_counted: bool = False
 
 
-@dataclass(frozen=True)
-class RemovalResult:
-    removed: int  # servers members removed
-    kept_alive: int  # members whose score advanced since the decision
+@dataclass
+class Departure:
+    """A worker that is gone, and what the reaper still watches of it."""
+
+    watch: Watch
+    exited: WorkerExited
+    done: bool  # its exit was reported (exited) or it deregistered (bye)
+    look_until: float  # Redis time until which new registrations of it are looked for
+    noted: set[str] = field(default_factory=set)  # left in place by --cleanup off/dry-run, counted
+    leak_counted: bool = False
+    tasks_counted: bool = False
 
 
 class RegistrationStore:
-    """The Redis operations of ownership and cleanup; each is a few O(1)/O(log N) commands,
-    except discovery, which scans the servers set with a MATCH pattern."""
+    """The Redis operations of ownership and cleanup: each a few O(1)/O(log N) commands, except
+    discovery, whose cost follows the live part of the servers set (see `find`)."""
 
     def __init__(self, redis: Redis, concurrency: int = STORE_CONCURRENCY) -> None:
         self.redis = redis
-        self._zrem_if = redis.register_script(_ZREM_IF_NOT_ADVANCED)
+        self._remove_if = redis.register_script(REMOVE_IF_UNCHANGED)
         # At most this many operations at once: a crash loop's hundreds of cleanups would
         # otherwise take every connection of the pool (redis-py refuses the 101st), leaving
         # none for scrapes; the others wait their turn.
         self._slots = asyncio.Semaphore(concurrency)
 
-    async def scan(self, pattern: str) -> dict[str, float]:
-        """Every asynq:servers member matching `pattern`, with its score. A member that is not
-        UTF-8 cannot be asynq's (host names and UUIDs are text): it is skipped."""
+    async def find(self, host: str, pid: int, since: float | None) -> dict[str, float]:
+        """Every asynq:servers member of `{host:pid:*}` with a score of at least `since` (all of
+        them with None), with its score. With a score bound and a set that is mostly expired
+        entries, the members are read by score, so a backlog of leaked registrations costs
+        nothing; otherwise the set is scanned with a MATCH pattern."""
+        pattern = asynq.member_pattern("servers", host, pid)
+        if since is not None:
+            async with self._slots:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.zcount(asynq.SERVERS, since, "+inf")
+                pipe.zcard(asynq.SERVERS)
+                window, total = await pipe.execute()
+            if window <= RANGE_READ_SHARE * total:
+                return await self._range(since, f"asynq:servers:{{{host}:{pid}:".encode())
+        found = await self._scan(pattern)
+        return found if since is None else {k: s for k, s in found.items() if s >= since}
+
+    async def _range(self, since: float, prefix: bytes) -> dict[str, float]:
+        found: dict[str, float] = {}
+        start = 0
+        while True:
+            async with self._slots:
+                page = await self.redis.zrangebyscore(asynq.SERVERS, since, "+inf", start=start,
+                                                      num=RANGE_PAGE, withscores=True)
+            for raw, score in page:
+                raw = raw if isinstance(raw, bytes) else raw.encode()
+                if raw.startswith(prefix) and raw.endswith(b"}"):
+                    _add_text(found, raw, score)
+            if len(page) < RANGE_PAGE:
+                return found
+            start += RANGE_PAGE
+
+    async def _scan(self, pattern: str) -> dict[str, float]:
         async with self._slots:
             found: dict[str, float] = {}
             async for raw, score in self.redis.zscan_iter(asynq.SERVERS, match=pattern, count=1000):
-                try:
-                    found[raw.decode() if isinstance(raw, bytes) else raw] = float(score)
-                except UnicodeDecodeError:
-                    continue
+                _add_text(found, raw, score)
             return found
 
-    async def candidates(self, host: str, pid: int) -> dict[str, float]:
-        """Every asynq:servers member of `{host:pid:*}` with its score."""
-        return await self.scan(asynq.member_pattern("servers", host, pid))
-
-    async def host_candidates(self, host: str) -> dict[str, float]:
-        """Every asynq:servers member of `{host:*}` with its score."""
-        return await self.scan(f"asynq:servers:{{{asynq.glob_escape(host)}:*}}")
+    async def host_members(self, host: str) -> dict[str, float]:
+        """Every asynq:servers member of `{host:*}` with its score (a scan)."""
+        return await self._scan(f"asynq:servers:{{{asynq.glob_escape(host)}:*}}")
 
     async def server_infos(self, members: list[asynq.Member]) -> list[bytes | None]:
         async with self._slots:
@@ -191,7 +227,7 @@ class RegistrationStore:
             return [(None if replies[i] is None else float(replies[i]), int(replies[i + 1]))
                     for i in range(0, len(replies), 2)]
 
-    async def scores(self, member: asynq.Member) -> tuple[float | None, float | None]:
+    async def scores(self, member: asynq.Member) -> Seen:
         """Scores of the server's member in asynq:servers and in asynq:workers."""
         async with self._slots:
             pipe = self.redis.pipeline(transaction=False)
@@ -204,29 +240,43 @@ class RegistrationStore:
         async with self._slots:
             return int(await self.redis.hlen(member.sibling("workers").key))
 
-    async def remove(self, member: asynq.Member, seen: tuple[float | None, float | None]) -> int:
-        """Mirror ClearServerState for one server, conditional on the scores seen.
+    async def remove(self, member: asynq.Member, seen: Seen, how: Verdict, settle: float) -> int:
+        """Mirror asynq's ClearServerState for one server, conditional in Redis on the scores
+        seen and, for Verdict.WHEN_EXPIRED, on Redis's clock being past the expiry by `settle`.
 
-        Returns REMOVED when the servers member went, KEPT when a heartbeat moved it since the
-        decision (nothing is touched then), ABSENT when it was already gone.
+        Returns REMOVED when the servers member went, KEPT when a heartbeat moved it or it is
+        not expired (nothing is touched then), ABSENT when it was already gone.
         """
+        assert how is not Verdict.LEAVE
+        mode = "now" if how is Verdict.NOW else "expired"
         async with self._slots:
             servers_seen, workers_seen = seen
             # One script call per sorted set, not a pipeline: redis-py refuses EVALSHA in a Redis
             # Cluster pipeline (and the two sets live on different nodes anyway). A direct call
             # also reloads the script after NOSCRIPT, as on a master just promoted by Sentinel.
-            results = []
+            servers = ABSENT
             if servers_seen is not None:
-                results.append(int(await self._zrem_if(keys=[asynq.SERVERS],
-                                                       args=[member.key, repr(servers_seen)])))
+                servers = int(await self._remove_if(keys=[asynq.SERVERS],
+                                                    args=[member.key, repr(servers_seen), mode, repr(settle)]))
+                if servers == KEPT:
+                    return KEPT
             if workers_seen is not None:
-                results.append(int(await self._zrem_if(keys=[asynq.WORKERS],
-                                                       args=[member.sibling("workers").key, repr(workers_seen)])))
-            if KEPT in results:
-                return KEPT
+                workers = int(await self._remove_if(keys=[asynq.WORKERS],
+                                                    args=[member.sibling("workers").key, repr(workers_seen),
+                                                          mode, repr(settle)]))
+                if workers == KEPT:
+                    return KEPT
             # Both members are gone (or were): the per-server keys go too. One hash tag: one slot.
             await self.redis.delete(member.key, member.sibling("workers").key)
-            return REMOVED if servers_seen is not None and results and results[0] == REMOVED else ABSENT
+            return servers
+
+
+def _add_text(found: dict[str, float], raw: bytes | str, score: float) -> None:
+    """Keep a member that is text: one that is not UTF-8 cannot be asynq's."""
+    try:
+        found[raw.decode() if isinstance(raw, bytes) else raw] = float(score)
+    except UnicodeDecodeError:
+        pass
 
 
 def _decode_member(key: str) -> asynq.Member | None:
@@ -236,14 +286,20 @@ def _decode_member(key: str) -> asynq.Member | None:
         return None
 
 
+def _present_score(seen: Seen) -> float | None:
+    return seen[0] if seen[0] is not None else seen[1]
+
+
 class Cleanup:
-    """Sink of lifecycle decisions + source of RegistrationSeen. See the module docstring."""
+    """Observer (source of RegistrationSeen), reaper (sink of WorkerExited) and orphan removal;
+    see the module docstring."""
 
     def __init__(self, redis: Redis, health: RedisHealth, cfg: CleanupConfig, *,
                  registry: CollectorRegistry, submit: Callable[[Any], None],
                  spawn: Callable[[Any, str], asyncio.Task[Any]], poll_interval: float = 1.0,
-                 hostname: str | None = None, clock: Callable[[], float] = time.time) -> None:
+                 hostname: str | None = None, clock: RedisClock | None = None) -> None:
         self.store = RegistrationStore(redis)
+        self.redis = redis
         self.health = health
         self.cfg = cfg
         self.metrics = CleanupMetrics(registry)
@@ -251,16 +307,19 @@ class Cleanup:
         self._spawn = spawn
         self.poll_interval = poll_interval
         self.hostname = hostname
-        self._clock = clock
+        self.clock = clock or RedisClock()
+        self._synced_at = -CLOCK_RESYNC
         self.watches: dict[int, Watch] = {}
-        self._pending: set[asyncio.Task[Any]] = set()
+        self._departures: dict[int, Departure] = {}  # by conn: departed workers still watched
+        self._busy: set[asyncio.Task[Any]] = set()  # exit cleanups not yet settled
         self._idle = asyncio.Event()
         self._idle.set()
-        self.done = asyncio.Event()  # set after every finished cleanup (tests wait on it)
-        self.last_finished_at = 0.0  # time.monotonic() when the last cleanup ended
+        self.last_counted_at = 0.0  # time.monotonic() when an exit cleanup last changed a metric
+        self.done = asyncio.Event()  # set whenever an exit cleanup settles (tests wait on it)
         self.confirm_after = CONFIRM_AFTER
         self._background = asyncio.Semaphore(BACKGROUND_CONCURRENCY)
         self._orphans: set[str] = set()  # members whose removal is queued or running
+        self._looked_for_earlier: set[tuple[str, int]] = set()
 
     # ------------------------------------------------------------ sink
 
@@ -275,68 +334,88 @@ class Cleanup:
                             w.pid, w.host, self.hostname)
                 return
             watch = Watch(w)
-            if w.server_id:  # the worker told us: checked with O(1) commands from the first tick
-                m = asynq.server_member(w.host, w.pid, w.server_id)
-                watch.owned[m.key] = Owned(m, sure=True)
+            for sid in w.server_ids:
+                self._own_reported(watch, sid)
             self.watches[w.conn] = watch
+        elif isinstance(decision, ServerIdReported):
+            watch = self.watches.get(decision.worker.conn)
+            if watch is not None:
+                self._own_reported(watch, decision.server_id)
         elif isinstance(decision, WorkerExited):
             watch = self.watches.pop(decision.worker.conn, None)
             if watch is not None:
-                self._start_cleanup(watch, decision)
+                self._depart(watch, decision)
+        elif isinstance(decision, WorkerForgotten):
+            dep = self._departures.get(decision.worker.conn)
+            if dep is not None:  # the connection closed: the process is gone, or going
+                dep.look_until = min(dep.look_until, self.clock.now() + LOOK_AFTER_EXIT)
 
-    def _start_cleanup(self, watch: Watch, exited: WorkerExited) -> None:
-        task = self._spawn(self._cleanup_until_done(watch, exited), f"cleanup-{watch.worker.conn}")
-        self._pending.add(task)
-        self._idle.clear()
-        task.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Task[Any]) -> None:
-        self._pending.discard(task)
-        if not self._pending:
-            self._idle.set()
+    @staticmethod
+    def _own_reported(watch: Watch, server_id: str) -> None:
+        """The worker told us its server id: checked with O(1) commands from the next tick."""
+        m = asynq.server_member(watch.worker.host, watch.worker.pid, server_id)
+        known = watch.owned.get(m.key)
+        if known is None:
+            watch.owned[m.key] = Owned(m, Claim.SURE)
+        else:
+            known.claim = Claim.SURE
 
     @property
     def idle(self) -> bool:
+        """No departed worker's registration is still watched."""
         return self._idle.is_set()
+
+    # ------------------------------------------------------------ Redis's clock
+
+    async def redis_now(self, *, fresh: bool = False) -> float:
+        """Redis's time: measured now when `fresh` or when the last measure is old."""
+        if fresh or time.monotonic() - self._synced_at > CLOCK_RESYNC:
+            now = await self.clock.sync(self.redis)
+            self._synced_at = time.monotonic()
+            return now
+        return self.clock.now()
 
     # ------------------------------------------------------------ observer (a source)
 
     async def observe_forever(self) -> None:
         while True:
             started = time.monotonic()
-            for watch in list(self.watches.values()):
-                try:
-                    with self.health.op("observe worker registration"):
-                        await self.observe(watch)
-                except REDIS_FAILURES:
-                    break  # counted by health; try again next tick
-                except Exception:  # a bug or odd data must not end the observation of all
-                    log.exception("observing worker pid %d failed", watch.worker.pid)
+            try:
+                with self.health.op("observe worker registrations"):
+                    now = await self.redis_now(fresh=bool(self.watches))
+                    for watch in list(self.watches.values()):
+                        try:
+                            await self.observe(watch, now)
+                        except REDIS_FAILURES:
+                            raise
+                        except Exception:  # a bug or odd data must not end the observation of all
+                            log.exception("observing worker pid %d failed", watch.worker.pid)
+            except REDIS_FAILURES:
+                pass  # counted by health; try again next tick
             await asyncio.sleep(max(0.0, self.poll_interval - (time.monotonic() - started)))
 
-    async def observe(self, watch: Watch) -> None:
-        """One tick for one worker: discover its registration, or check it with O(1) commands."""
-        now = self._clock()
+    async def observe(self, watch: Watch, now: float) -> None:
+        """One tick for one live worker: discover its registration, or check it with O(1) commands."""
         w = watch.worker
         known_live = any(o.score is not None and o.score >= now for o in watch.owned.values())
         if not known_live and now >= watch.next_discovery:
-            await self._discover(watch, now)
+            # Every tick at first (asynq registers as it starts), then every DISCOVERY_BACKOFF
+            # seconds while nothing live is known.
+            watch.discoveries += 1
+            watch.next_discovery = now + (self.poll_interval if watch.discoveries < 10 else DISCOVERY_BACKOFF)
+            await self._discover(watch, since=now)
+            self._look_for_earlier_lives(w)
         if not watch.owned:
-            if not watch.warned_unregistered and now - w.hello_at > UNREGISTERED_WARNING:
+            if not watch.warned_unregistered and time.time() - w.hello_at > UNREGISTERED_WARNING:
                 watch.warned_unregistered = True
                 log.warning("no registration of %s pid %d found %.0fs after its hello: is it an "
                             "asynq server, and is that pid the asynq process (a launcher running a "
-                            "shell must `exec` the worker)?", w.host, w.pid, now - w.hello_at)
+                            "shell must `exec` the worker)?", w.host, w.pid, time.time() - w.hello_at)
             return
-        owned = list(watch.owned.values())
+        owned = [o for o in watch.owned.values() if o.claim.workers]
         results = await self.store.tick([o.member for o in owned])
         in_flight = 0
-        ticked = time.monotonic()
         for o, (score, count) in zip(owned, results):
-            if score is not None and o.score is not None and score > o.score:
-                if o.changed_at is not None:  # the time between two heartbeats, as seen here
-                    watch.max_gap = max(watch.max_gap, ticked - o.changed_at)
-                o.changed_at = ticked
             o.score = score
             if score is not None and score >= now:
                 in_flight += count
@@ -345,169 +424,198 @@ class Cleanup:
                     self._submit(RegistrationSeen(w.conn, o.member.key))
         watch.in_flight = in_flight
 
-    async def _discover(self, watch: Watch, now: float) -> None:
-        """Find `{host:pid:*}` members that are the worker's: started after it (less a skew)
-        or carrying the server id it reported. Others that are long expired are earlier
-        incarnations of the same host and pid (a restarted container): removed."""
+    async def _discover(self, watch: Watch, since: float | None) -> None:
+        """Find and classify the `{host:pid:*}` members with a score of at least `since`."""
         w = watch.worker
-        # Look every tick at first (asynq registers as it starts), then every DISCOVERY_BACKOFF
-        # seconds while nothing live is known. Once a live registration is known it is checked
-        # with O(1) commands only: a scan of a large set (100,000 leaked entries) is paid at
-        # the start and at the exit, where a last look finds a second server or another
-        # process's registration before anything is removed.
-        watch.discoveries += 1
-        watch.next_discovery = now + (self.poll_interval if watch.discoveries < 10 else DISCOVERY_BACKOFF)
-        candidates = await self.store.candidates(w.host, w.pid)
-        members = [m for m in (_decode_member(k) for k in candidates) if m is not None]
-        if not members:
+        found = await self.store.find(w.host, w.pid, since)
+        new = [m for m in (_decode_member(k) for k in found if k not in watch.owned) if m is not None]
+        if not new:
+            for key, score in found.items():
+                if key in watch.owned:
+                    watch.owned[key].score = score
             return
-        infos = await self.store.server_infos(members)
-        for m, raw in zip(members, infos):
-            score = candidates[m.key]
-            info = None
+        infos = await self.store.server_infos(new)
+        for m, raw in zip(new, infos):
+            start_time = None
             if raw is not None:
                 try:
-                    info = asynq.decode_server_info(raw)
+                    start_time = asynq.decode_server_info(raw).start_time
                 except asynq.UndecodableError:
                     pass
-            if self._owns(w, m, info):
-                watch.owned.setdefault(m.key, Owned(m, score, sure=m.ident == w.server_id))
-            elif score < now - self.cfg.settle and m.key not in watch.owned:
-                self._start_orphan_cleanup(m, score)
+            found_claim = claim(w, m.ident, start_time, host_pids_unique=self.cfg.host_pids_unique)
+            watch.owned[m.key] = Owned(m, found_claim, found[m.key])
+        for key, score in found.items():
+            if key in watch.owned:
+                watch.owned[key].score = score
 
-    @staticmethod
-    def _owns(w: Worker, m: asynq.Member, info: asynq.ServerInfo | None) -> bool:
-        """The worker's own server id, or a server started within the worker's life: not
-        before it started (less a skew) and not after it exited (a newer incarnation of the
-        same host and pid, such as a restarted container, is not the dead worker's)."""
-        if w.server_id and m.ident == w.server_id:
-            return True
-        # Without a server id, or with one that is not this member's (a wrong id, or a second
-        # server of the same process), the start time decides.
-        if info is None or info.start_time is None:
-            return False
-        if info.start_time < w.born_at - OWNERSHIP_SKEW:
-            return False
-        return w.exited_at is None or info.start_time <= w.exited_at
+    def _look_for_earlier_lives(self, w: Worker) -> None:
+        """Once per host and pid: a full look (a scan, in the background) for expired
+        registrations of earlier lives (a restarted container), removed by the expiry rule."""
+        if (w.host, w.pid) in self._looked_for_earlier:
+            return
+        self._looked_for_earlier.add((w.host, w.pid))
+        self._spawn(self._remove_earlier_lives(w), f"earlier-lives-{w.pid}")
 
-    def _ambiguous(self, w: Worker) -> bool:
-        """Another live worker with the same host and pid (two PID-1 containers of one pod)
-        could own the same registrations unless server ids were reported."""
-        return not w.server_id and any(
-            o.worker.host == w.host and o.worker.pid == w.pid and o.worker.conn != w.conn
-            for o in self.watches.values())
+    async def _remove_earlier_lives(self, w: Worker) -> None:
+        try:
+            async with self._background:
+                with self.health.op("look for earlier lives of a worker"):
+                    found = await self.store.find(w.host, w.pid, None)
+                    now = await self.redis_now()
+        except REDIS_FAILURES:
+            self._looked_for_earlier.discard((w.host, w.pid))  # the next discovery tries again
+            return
+        self._remove_expired_orphans(found, now)
 
-    # ------------------------------------------------------------ cleanup
+    # ------------------------------------------------------------ reaper (a sink)
 
-    async def _cleanup_until_done(self, watch: Watch, exited: WorkerExited) -> None:
-        """Retry the cleanup with capped exponential backoff until it completes."""
-        delay = 0.1
-        pending_counted = False
+    def _depart(self, watch: Watch, exited: WorkerExited) -> None:
+        w = watch.worker
+        # How long to look for a registration written after the exit. A launcher reports the
+        # exit after waitpid, and a closed connection means the process is gone: only writes
+        # already on their way can land, so a second will do. After bye the process still runs
+        # (and may beat once more, as in asynq #979) until its connection closes: at most a
+        # registration TTL.
+        after = asynq.REGISTRATION_TTL + 1 if exited.via == "bye" else LOOK_AFTER_EXIT
+        # Exit times are the pod's clock; Redis's is the local one plus the offset measured.
+        dep = Departure(watch, exited, done=exited.reported,
+                        look_until=(w.exited_at or time.time()) + self.clock.offset + after)
+        task = self._spawn(self._reap(dep), f"cleanup-{w.conn}")
+        self._departures[w.conn] = dep
+        self._busy.add(task)
+        self._idle.clear()
+        task.add_done_callback(self._settled)
+        task.add_done_callback(lambda _: self._departures.pop(w.conn, None))
+
+    def _settled(self, task: asyncio.Task[Any]) -> None:
+        self._busy.discard(task)
+        self.done.set()
+        if not self._busy:
+            self._idle.set()
+
+    async def _reap(self, dep: Departure) -> None:
+        """Watch the departed worker's registrations until each is gone or left alone, and no
+        new one can appear any more; retried with backoff while Redis is unreachable."""
+        w = dep.watch.worker
+        pending = False
+
+        def waiting_for_redis(error: BaseException, delay: float) -> None:
+            nonlocal pending
+            self.metrics.errors.inc()
+            self.last_counted_at = time.monotonic()
+            if not pending:
+                pending = True
+                self.metrics.pending.inc()
+            log.warning("cleanup of worker pid %d on %s waits for Redis (retry in %.1fs): %s",
+                        w.pid, w.host, delay, error)
+
+        async def one_pass() -> float | None:
+            with self.health.op("clean up after worker exit"):
+                return await self._reap_once(dep)
+
         try:
             while True:
-                try:
-                    with self.health.op("clean up after worker exit"):
-                        await self._cleanup_once(watch, exited)
+                wait = await retry_with_backoff(one_pass, on_failure=waiting_for_redis)
+                if pending:
+                    pending = False
+                    self.metrics.pending.dec()
+                    self.last_counted_at = time.monotonic()
+                if wait is None:
                     return
-                except REDIS_FAILURES as e:
-                    self.metrics.errors.inc()
-                    if not pending_counted:
-                        pending_counted = True
-                        self.metrics.pending.inc()
-                    log.warning("cleanup of worker pid %d on %s waits for Redis (retry in %.1fs): %s",
-                                watch.worker.pid, watch.worker.host, delay, e)
-                    await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                    delay = min(delay * 2, 5.0)
+                await asyncio.sleep(wait)
         except Exception:
-            log.exception("cleanup of worker pid %d on %s failed", watch.worker.pid, watch.worker.host)
+            log.exception("cleanup of worker pid %d on %s failed", w.pid, w.host)
         finally:
-            if pending_counted:
+            if pending:
                 self.metrics.pending.dec()
-            self.last_finished_at = time.monotonic()
-            self.done.set()
 
-    async def _cleanup_once(self, watch: Watch, exited: WorkerExited) -> None:
-        """Remove what the dead worker still owns. Idempotent: a retry after a Redis failure
-        repeats only what is not done (`watch.done`)."""
-        w = watch.worker
-        fast = exited.reported and not self._ambiguous(w)
-        if fast:
-            # The registration with the server id the worker reported is exactly its own: at
-            # once, before the scan below.
-            await self._remove_owned(watch, exited, [o for o in watch.owned.values() if o.sure],
-                                     prove=False)
-        # A last look at {host:pid:*} (one scan): the worker may have died before a tick found
-        # its registration, or have had more than one server, or share its host and pid.
-        await self._discover(watch, self._clock())
-        rest = [o for o in watch.owned.values() if o.member.key not in watch.done]
-        # Also at once after a reported exit: the worker's only probable registration, when it
-        # reported no server id. Anything else must first prove itself dead.
-        single = fast and len(rest) == 1 and not any(o.sure for o in watch.owned.values())
-        await self._remove_owned(watch, exited, rest, prove=not single)
+    async def _reap_once(self, dep: Departure) -> float | None:
+        """One look at what the departed worker left; the seconds until the next look, or None
+        when there is nothing left to watch."""
+        watch, w = dep.watch, dep.watch.worker
+        now = await self.redis_now(fresh=True)
+        looking = now <= dep.look_until
+        if looking:
+            # Its registration may have appeared after the last tick, or be written again by a
+            # heartbeat that raced the shutdown (asynq #979): look on for a while after the exit.
+            await self._discover(watch, since=min(w.born_at + self.clock.offset, now) - 1)
+        next_look = min(self.poll_interval, dep.look_until - now + 0.05) if looking else None
+        for key, o in list(watch.owned.items()):
+            how = Verdict.WHEN_EXPIRED if o.doubted else verdict(o.claim, done=dep.done)
+            if how is Verdict.LEAVE or key in dep.noted:
+                continue
+            seen = await self.store.scores(o.member)
+            score = _present_score(seen)
+            o.score = score
+            if score is None:
+                continue  # gone: deregistered, or removed
+            if how is Verdict.WHEN_EXPIRED and score + self.cfg.settle >= now:
+                wake = score + self.cfg.settle - now + 0.05
+                next_look = wake if next_look is None else min(next_look, wake)
+                continue
+            result = await self._settle_member(dep, o, seen, how, now)
+            if result == KEPT:
+                if how is Verdict.NOW:
+                    o.doubted = True
+                    log.warning("%s moved after worker pid %d on %s %s: a live server owns it; "
+                                "it is removed only once expired", key, w.pid, w.host,
+                                "exited" if dep.done else "went away")
+                next_look = self.poll_interval if next_look is None else min(next_look, self.poll_interval)
+            elif self.cfg.mode != "on":
+                dep.noted.add(key)
+        return next_look
 
-    async def _remove_owned(self, watch: Watch, exited: WorkerExited, owned: list[Owned], *,
-                            prove: bool) -> None:
-        w = watch.worker
-        seen = {o.member.key: await self.store.scores(o.member) for o in owned}
-        present = [o.member for o in owned if seen[o.member.key] != (None, None)]
-        if present and prove:
-            # The proof: no heartbeat moves the score for the settle period (asynq beats every
-            # 5 s), or for longer if this worker's beats were seen to come further apart.
-            await asyncio.sleep(max(self.cfg.settle, watch.max_gap + self.poll_interval))
-            for m in list(present):
-                now_seen = await self.store.scores(m)
-                if _advanced(seen[m.key], now_seen):
-                    log.warning("%s is still beating after worker pid %d on %s %s: a live server "
-                                "owns it; left alone", m.key, w.pid, w.host,
-                                "lost its connection" if not exited.reported else "exited")
-                    present.remove(m)
-                    watch.done.add(m.key)
-                else:
-                    seen[m.key] = now_seen
-            present = [m for m in present if seen[m.key] != (None, None)]
-        if not present:
-            watch.done.update(o.member.key for o in owned)
-            return  # deregistered itself (a graceful Shutdown): nothing leaked
-        # The registration outlived the worker: a leak, whatever the exit code (asynq #979 is
-        # a clean exit 0 that leaves it), counted once per exit. Its in-flight tasks were never
-        # finished or requeued by a Shutdown: they wait for asynq's lease recovery. The workers
-        # hash (TTL 10 s) holds the last beat's view; the observer's last count stands in once
-        # it has expired.
-        if not watch.leak_counted:
-            self.metrics.leaked.inc()
-            watch.leak_counted = True
-        in_flight = 0
-        for m in present:
-            if m.key not in watch.tasks_counted:
-                in_flight += await self.store.in_flight(m)
-                watch.tasks_counted.add(m.key)
-        if in_flight == 0 and not watch.fallback_tasks_counted:
-            in_flight = watch.in_flight
-        watch.fallback_tasks_counted = True
-        self.metrics.abandoned.inc(in_flight)
-        names = ", ".join(m.key for m in present)
+    async def _settle_member(self, dep: Departure, o: Owned, seen: Seen, how: Verdict, now: float) -> int:
+        """Remove (or, by --cleanup, count or only log) one registration the departed worker
+        left; the leak and its in-flight tasks are counted once per exit."""
+        w = dep.watch.worker
+        reason = "worker_exit" if o.claim.workers else "previous_incarnation"
+        if self.cfg.mode == "on":
+            result = await self.store.remove(o.member, seen, how, self.cfg.settle)
+            if result == KEPT:
+                return KEPT
+        else:
+            result = REMOVED
+        self.last_counted_at = time.monotonic()  # a metric changes below: the linger waits for a scrape
+        if o.claim.workers:
+            await self._count_leak(dep, o)
+        score = _present_score(seen) or now
         if self.cfg.mode == "off":
             log.warning("worker pid %d on %s exited (%s) leaving %s; cleanup is off",
-                        w.pid, w.host, exited.outcome, names)
-            watch.done.update(o.member.key for o in owned)
-            return
-        if self.cfg.mode == "dry-run":
-            self.metrics.would_remove.labels(reason="worker_exit").inc(len(present))
+                        w.pid, w.host, dep.exited.outcome, o.member.key)
+        elif self.cfg.mode == "dry-run":
+            self.metrics.would_remove.labels(reason=reason).inc()
             log.warning("worker pid %d on %s exited (%s) leaving %s; dry run: would remove it",
-                        w.pid, w.host, exited.outcome, names)
-            watch.done.update(o.member.key for o in owned)
-            return
-        for m in present:
-            result = await self.store.remove(m, seen[m.key])
-            if result == KEPT:
-                log.warning("%s moved since the decision: a live server owns it; left alone", m.key)
-            elif result == REMOVED:
-                self.metrics.removed.labels(reason="worker_exit").inc()
-                self._confirm_later(m, seen[m.key])
-                log.info("worker pid %d on %s exited (%s) leaving its registration: removed %s",
-                         w.pid, w.host, exited.outcome, m.key)
-            watch.done.add(m.key)
-        watch.done.update(o.member.key for o in owned)
+                        w.pid, w.host, dep.exited.outcome, o.member.key)
+        elif result == REMOVED:
+            self.metrics.removed.labels(reason=reason).inc()
+            self._confirm_later(o.member, seen, how)
+            log.info("worker pid %d on %s exited (%s) leaving its registration: removed %s (%s)",
+                     w.pid, w.host, dep.exited.outcome, o.member.key,
+                     "proven its" if how is Verdict.NOW else f"expired {now - score:.1f}s ago")
+        return result
+
+    async def _count_leak(self, dep: Departure, o: Owned) -> None:
+        """The registration outlived the worker: a leak, whatever the exit code (asynq #979 is a
+        clean exit 0 that leaves it), counted once per exit. Its in-flight tasks were never
+        finished or requeued by a Shutdown: they wait for asynq's lease recovery. The workers
+        hash (TTL 10 s) holds the last beat's view; the observer's last count stands in once
+        it has expired."""
+        if not dep.leak_counted:
+            dep.leak_counted = True
+            self.metrics.leaked.inc()
+        if not dep.tasks_counted:
+            dep.tasks_counted = True
+            in_flight = await self.store.in_flight(o.member)
+            self.metrics.abandoned.inc(in_flight or dep.watch.in_flight)
+
+    # ------------------------------------------------------------ orphans
+
+    def _remove_expired_orphans(self, found: dict[str, float], now: float) -> None:
+        for key, score in found.items():
+            m = _decode_member(key)
+            if m is not None and score + self.cfg.settle < now:
+                self._start_orphan_cleanup(m, score)
 
     def _start_orphan_cleanup(self, member: asynq.Member, score: float) -> None:
         """Remove an expired registration that no live worker owns (reason previous_incarnation)."""
@@ -531,45 +639,40 @@ class Cleanup:
                     return
                 if self.cfg.mode == "dry-run":
                     self.metrics.would_remove.labels(reason="previous_incarnation").inc()
-                    log.info("dry run: would remove %s, expired %.0fs ago", member.key, self._clock() - score)
+                    log.info("dry run: would remove %s, expired %.0fs ago", member.key, self.clock.now() - score)
                     return
                 if self.cfg.mode == "off":
                     return
-                if await self.store.remove(member, seen) == REMOVED:
-                    self._confirm_later(member, seen)
+                if await self.store.remove(member, seen, Verdict.WHEN_EXPIRED, self.cfg.settle) == REMOVED:
+                    self._confirm_later(member, seen, Verdict.WHEN_EXPIRED)
                     self.metrics.removed.labels(reason="previous_incarnation").inc()
                     log.info("removed %s of an earlier incarnation, expired %.0fs ago",
-                             member.key, self._clock() - score)
+                             member.key, self.clock.now() - score)
         except REDIS_FAILURES:
-            self.metrics.errors.inc()  # the next hello or start-up scan will find it again
+            self.metrics.errors.inc()  # the next look or start-up scan will find it again
 
-    def _confirm_later(self, member: asynq.Member, seen: tuple[float | None, float | None]) -> None:
-        self._spawn(self._confirm_removed(member, seen), f"confirm-{member.ident}")
+    def _confirm_later(self, member: asynq.Member, seen: Seen, how: Verdict) -> None:
+        self._spawn(self._confirm_removed(member, seen, how), f"confirm-{member.ident}")
 
-    async def _confirm_removed(self, member: asynq.Member, seen: tuple[float | None, float | None]) -> None:
+    async def _confirm_removed(self, member: asynq.Member, seen: Seen, how: Verdict) -> None:
         """After `confirm_after` seconds, read the removal back and redo it if a failover undid
         it; a read that fails is retried with backoff until Redis answers."""
         await asyncio.sleep(self.confirm_after)
-        delay = 0.1
-        while True:
-            try:
-                async with self._background:
-                    with self.health.op("confirm a removal"):
-                        if _undone(seen, await self.store.scores(member)):
-                            log.warning("%s is back after its removal (a Redis failover lost the "
-                                        "write): removing it again", member.key)
-                            await self.store.remove(member, seen)
-                return
-            except REDIS_FAILURES:
-                self.metrics.errors.inc()
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, 5.0)
+
+        async def confirm() -> None:
+            async with self._background:
+                with self.health.op("confirm a removal"):
+                    if _undone(seen, await self.store.scores(member)):
+                        log.warning("%s is back after its removal (a Redis failover lost the "
+                                    "write): removing it again", member.key)
+                        await self.store.remove(member, seen, how, self.cfg.settle)
+
+        await retry_with_backoff(confirm, on_failure=lambda e, d: self.metrics.errors.inc())
 
     async def remove_host_orphans(self) -> None:
-        """At start: expired registrations of this host that no connected worker owns (a worker
-        that died while the sidecar was down) are removed, if expired for longer than settle.
-        A second look once a registration left by a worker that died just before the start
-        would have aged enough (its TTL plus settle)."""
+        """At start: expired registrations of this host (a worker that died while the sidecar
+        was down) are removed by the expiry rule. A second look once a registration left by a
+        worker that died just before the start would have expired (its TTL plus settle)."""
         await self._scan_host_once()
         await asyncio.sleep(asynq.REGISTRATION_TTL + self.cfg.settle + 1)
         await self._scan_host_once()
@@ -577,26 +680,21 @@ class Cleanup:
     async def _scan_host_once(self) -> None:
         if not self.hostname:
             return
-        delay = 0.5
-        while True:  # Redis may be down at start: keep trying, with backoff
-            try:
-                with self.health.op("scan this host's registrations"):
-                    candidates = await self.store.host_candidates(self.hostname)
-                break
-            except REDIS_FAILURES:
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, 5.0)
-        now = self._clock()
-        for key, score in candidates.items():
-            m = _decode_member(key)
-            if m is not None and score < now - self.cfg.settle:
-                self._start_orphan_cleanup(m, score)
+        hostname = self.hostname
+
+        async def scan() -> tuple[dict[str, float], float]:
+            with self.health.op("scan this host's registrations"):
+                return await self.store.host_members(hostname), await self.redis_now(fresh=True)
+
+        # Redis may be down at start: keep trying, with backoff.
+        found, now = await retry_with_backoff(scan, on_failure=lambda e, d: None, first=0.5)
+        self._remove_expired_orphans(found, now)
 
 
-def _undone(seen: tuple[float | None, float | None], now_seen: tuple[float | None, float | None]) -> bool:
+def _undone(seen: Seen, now_seen: Seen) -> bool:
     """A removed registration that is back as it was (not beating since): a lost write."""
     return now_seen != (None, None) and not _advanced(seen, now_seen)
 
 
-def _advanced(before: tuple[float | None, float | None], after: tuple[float | None, float | None]) -> bool:
+def _advanced(before: Seen, after: Seen) -> bool:
     return any(a is not None and (b is None or a > b) for b, a in zip(before, after))

@@ -9,6 +9,7 @@ a sidecar restart, is still tracked with true durations. Usage (see docs/protoco
     await client.start()              # hello
     ...                               # register with asynq
     await client.ready()
+    await client.registered(server_id)  # when known: exact ownership of the registration
     ...                               # SIGTERM arrives
     await client.stopping("SIGTERM")
     ...                               # drain, deregister
@@ -90,6 +91,11 @@ class LifecycleClient:
     async def ready(self, at: float | None = None) -> None:
         """The worker serves (asynq's srv.Start returned)."""
         self._event("ready", at)
+
+    async def registered(self, server_id: str, at: float | None = None) -> None:
+        """The worker's asynq server id, once known (after asynq's Start): the sidecar then knows
+        exactly which registration is the worker's, and cleans it up at once after the exit."""
+        self._event("registered", at, server_id=server_id)
 
     async def stopping(self, signal: str | int | signal_module.Signals | None = None,
                        at: float | None = None) -> None:

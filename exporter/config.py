@@ -295,8 +295,16 @@ OPTIONS: dict[str, Option] = {
                "Remove a dead worker's registration: on, off, or dry-run (log and count only).",
                "MODE"),
         Option("settle", positive_seconds, 6.0,
-               "After a lost connection, wait this long (more than one 5 s heartbeat) and remove "
-               "the registration only if no heartbeat moved it.", "SECONDS"),
+               "A registration that is not proven the dead worker's is removed only once Redis's "
+               "clock is past its expiry by more than this many seconds (asynq itself calls it "
+               "dead at its expiry; the margin covers a stalled worker and clock error).", "SECONDS"),
+        Option("host-pids", one_of("shared", "unique"), "shared",
+               "unique: on this host name only one process at a time can hold a given pid (an "
+               "ordinary pod with one worker container), so a worker whose exit its launcher "
+               "reported owns every registration of its host and pid started within its life, "
+               "and that is removed at once. shared (the safe default; hostNetwork pods, several "
+               "worker containers in one pod): without a reported server id, a dead worker's "
+               "registration is removed only once expired.", "MODE"),
         Option("sweep-interval", seconds_or_zero, 0.0,
                "Run a fleet sweep every this many seconds (0: off).", "SECONDS"),
         Option("grace", seconds_or_zero, 60.0,
@@ -328,7 +336,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "http": ("listen", "web-config-file"),
     "socket": ("socket", "socket-mode", "max-connections", "hello-timeout", "socket-allow-uid"),
     "worker": ("hostname", "watch-interval", "details-sharing", "poll-interval", "shutdown-budget", "stop-timeout"),
-    "cleanup": ("cleanup", "settle", "sweep-interval", "grace", "sweep-batch"),
+    "cleanup": ("cleanup", "settle", "host-pids", "sweep-interval", "grace", "sweep-batch"),
     "log": ("log-level", "log-format"),
 }
 SERVE_OPTIONS = GROUPS["redis"] + GROUPS["http"] + GROUPS["socket"] + GROUPS["worker"] + GROUPS["cleanup"] + GROUPS["log"]
@@ -508,13 +516,15 @@ class SocketConfig:
 class CleanupConfig:
     mode: str = "on"  # on | off | dry-run
     settle: float = 6.0
+    host_pids_unique: bool = False  # --host-pids unique
     sweep_interval: float = 0.0
     sweep_grace: float = 60.0
     sweep_batch: int = 500
 
     @classmethod
     def from_values(cls, v: Mapping[str, Any]) -> CleanupConfig:
-        return cls(mode=v["cleanup"], settle=v["settle"], sweep_interval=v["sweep_interval"],
+        return cls(mode=v["cleanup"], settle=v["settle"], host_pids_unique=v["host_pids"] == "unique",
+                   sweep_interval=v["sweep_interval"],
                    sweep_grace=v["grace"], sweep_batch=v["sweep_batch"])
 
 

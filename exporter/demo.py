@@ -329,7 +329,7 @@ async def run_demo(values: dict[str, Any], duration: float | None, out: TextIO, 
             listen = values["listen"] if values.get("listen_given") else ("127.0.0.1", 0)
             cfg = ServeConfig(redis=RedisConfig(url=redis_server.url), listen=listen,
                               socket=SocketConfig(path=socket_path), log=LogConfig(),
-                              cleanup=CleanupConfig(), hostname=values["hostname"],
+                              cleanup=CleanupConfig(host_pids_unique=True), hostname=values["hostname"],
                               watch_interval=2.0, poll_interval=0.5)
             async with Sidecar(cfg) as sidecar:
                 redis = connect(cfg.redis)

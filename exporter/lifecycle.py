@@ -5,7 +5,7 @@ see into the events below and put them on one queue; one task calls `Tracker.app
 for each and hands the returned decisions to the sinks (metrics, cleanup). Nothing else writes
 worker state.
 
-    starting --ready / registration seen--> running --stopping--> stopping
+    starting --ready / registered / registration seen--> running --stopping--> stopping
         \\___________________ exited / bye / connection lost ___________/--> exited (forgotten
                                                                         when the connection closes)
 """
@@ -31,6 +31,9 @@ OUTCOMES = ("graceful", "error", "killed", "lost")
 
 ConnId = int
 
+#: Server ids one worker may report: a process runs one asynq server, rarely a few.
+MAX_SERVER_IDS = 8
+
 
 # ---------------------------------------------------------------- events (inputs)
 
@@ -52,6 +55,14 @@ class Hello:
 @dataclass(frozen=True, slots=True)
 class Ready:
     conn: ConnId
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """The worker names one of its asynq server ids (known only after asynq's Start)."""
+
+    conn: ConnId
+    server_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +100,7 @@ class RegistrationSeen:
     member: str
 
 
-Event = Hello | Ready | Stopping | Exited | Bye | Disconnected | RegistrationSeen
+Event = Hello | Ready | Registered | Stopping | Exited | Bye | Disconnected | RegistrationSeen
 
 
 # ---------------------------------------------------------------- the worker record
@@ -100,7 +111,7 @@ class Worker:
     conn: ConnId
     host: str
     pid: int
-    server_id: str | None
+    server_ids: set[str]  # the asynq server ids the worker reported (hello, registered)
     shutdown_timeout: float | None
     hello_at: float
     started_at: float | None = None
@@ -110,7 +121,6 @@ class Worker:
     stop_signal: str | None = None
     exited_at: float | None = None
     outcome: str | None = None
-    deregistered: bool = False  # said bye
     members: set[str] = field(default_factory=set)  # registrations seen for this worker
 
     @property
@@ -134,6 +144,14 @@ class WorkerRunning:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerIdReported:
+    """The worker named one of its server ids: its registration is known exactly from now on."""
+
+    worker: Worker
+    server_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerStopping:
     worker: Worker
 
@@ -148,6 +166,7 @@ class WorkerExited:
     reported: bool
     shutdown_duration: float | None  # from `stopping` to the exit; None without a `stopping`
     over_budget: bool
+    via: str = "exited"  # what told: "exited" (a launcher, after waitpid), "bye" (the worker), "lost"
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +186,7 @@ class Rejected:
     reason: str = "out_of_order"
 
 
-Decision = WorkerStarted | WorkerRunning | WorkerStopping | WorkerExited | WorkerForgotten | Rejected
+Decision = WorkerStarted | WorkerRunning | ServerIdReported | WorkerStopping | WorkerExited | WorkerForgotten | Rejected
 
 
 def exit_outcome(code: int | None, signal: str | None) -> str:
@@ -197,7 +216,8 @@ class Tracker:
             if worker is not None:
                 return [Rejected(event.conn, "hello", worker.state.value)]
             worker = Worker(conn=event.conn, host=event.host, pid=event.pid,
-                            server_id=event.server_id, shutdown_timeout=event.shutdown_timeout,
+                            server_ids={event.server_id} if event.server_id else set(),
+                            shutdown_timeout=event.shutdown_timeout,
                             hello_at=now, started_at=event.started_at)
             self.workers[event.conn] = worker
             return [WorkerStarted(worker)]
@@ -213,6 +233,15 @@ class Tracker:
             if worker.state is State.STARTING:
                 return self._to_running(worker, now, "registration")
             return []
+        if isinstance(event, Registered):
+            if worker.state is State.EXITED or (event.server_id not in worker.server_ids
+                                                and len(worker.server_ids) >= MAX_SERVER_IDS):
+                return [Rejected(event.conn, name, worker.state.value)]
+            worker.server_ids.add(event.server_id)
+            decisions: list[Decision] = [ServerIdReported(worker, event.server_id)]
+            if worker.state is State.STARTING:
+                decisions += self._to_running(worker, now, "registration")
+            return decisions
         if isinstance(event, Ready):
             if worker.state is State.STARTING:
                 return self._to_running(worker, now, "ready")
@@ -231,16 +260,15 @@ class Tracker:
         if isinstance(event, Exited):
             if worker.state is State.EXITED:
                 return [Rejected(event.conn, name, worker.state.value)]
-            return [self._exit(worker, now, exit_outcome(event.code, event.signal), reported=True)]
+            return [self._exit(worker, now, exit_outcome(event.code, event.signal), via="exited")]
         if isinstance(event, Bye):
             if worker.state is State.EXITED:
                 return [Rejected(event.conn, name, worker.state.value)]
-            worker.deregistered = True
-            return [self._exit(worker, now, "graceful", reported=True)]
+            return [self._exit(worker, now, "graceful", via="bye")]
         if isinstance(event, Disconnected):
-            decisions: list[Decision] = []
+            decisions = []
             if worker.state is not State.EXITED:
-                decisions.append(self._exit(worker, now, "lost", reported=False))
+                decisions.append(self._exit(worker, now, "lost", via="lost"))
             del self.workers[event.conn]
             decisions.append(WorkerForgotten(worker))
             return decisions
@@ -251,10 +279,10 @@ class Tracker:
         worker.running_at = now
         return [WorkerRunning(worker, via)]
 
-    def _exit(self, worker: Worker, now: float, outcome: str, reported: bool) -> WorkerExited:
+    def _exit(self, worker: Worker, now: float, outcome: str, via: str) -> WorkerExited:
         worker.state = State.EXITED
         worker.exited_at = now
         worker.outcome = outcome
         duration = None if worker.stopping_at is None else max(0.0, now - worker.stopping_at)
         over = duration is not None and duration > self.shutdown_budget
-        return WorkerExited(worker, outcome, reported, duration, over)
+        return WorkerExited(worker, outcome, via != "lost", duration, over, via)

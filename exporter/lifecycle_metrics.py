@@ -105,7 +105,7 @@ class LifecycleMetrics:
 
 
 def _who(w: Worker) -> str:
-    sid = f" server {w.server_id}" if w.server_id else ""
+    sid = f" server {','.join(sorted(w.server_ids))}" if w.server_ids else ""
     return f"{w.host} pid {w.pid}{sid} (connection {w.conn})"
 
 

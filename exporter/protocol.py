@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from exporter.lifecycle import Bye, ConnId, Event, Exited, Hello, Ready, Stopping
+from exporter.lifecycle import Bye, ConnId, Event, Exited, Hello, Ready, Registered, Stopping
 
 VERSION = 1
 
@@ -36,7 +36,7 @@ REASONS = (
     "out_of_order",          # an event that is not legal in the worker's state
 )
 
-EVENTS = ("hello", "ready", "stopping", "exited", "bye")
+EVENTS = ("hello", "ready", "registered", "stopping", "exited", "bye")
 
 _MAX_PID = 2**31 - 1  # asynq's ServerInfo.pid is an int32
 _MAX_NAME = 255
@@ -111,6 +111,10 @@ def _parse(line: bytes, conn: ConnId) -> Message:
         return Message(_hello(obj, conn), at)
     if name == "ready":
         return Message(Ready(conn), at)
+    if name == "registered":
+        server_id = _server_id(obj, required=True)
+        assert server_id is not None
+        return Message(Registered(conn, server_id), at)
     if name == "stopping":
         return Message(Stopping(conn, _name(obj, "signal", _MAX_SIGNAL, required=False)), at)
     if name == "exited":
@@ -130,14 +134,19 @@ def _hello(obj: dict[str, Any], conn: ConnId) -> Hello:
         raise _Bad("unsupported_protocol", f"protocol {_show(version)} (this sidecar speaks {VERSION})")
     pid = _integer(obj, "pid", 1, _MAX_PID)
     host = _name(obj, "host", _MAX_NAME, required=True)
-    server_id = _name(obj, "server_id", _MAX_NAME, required=False)
-    if server_id is not None and ":" in server_id:
-        raise _Bad("invalid_field", "'server_id' must not contain ':'")
+    server_id = _server_id(obj, required=False)
     timeout = _number(obj, "shutdown_timeout", required=False, low=0.0, high=_MAX_TIMEOUT)
     started_at = _number(obj, "started_at", required=False, low=0.0, high=None, strict_low=True)
     assert host is not None
     return Hello(conn, pid=pid, host=host, server_id=server_id, shutdown_timeout=timeout,
                  protocol=version, started_at=started_at)
+
+
+def _server_id(obj: dict[str, Any], *, required: bool) -> str | None:
+    server_id = _name(obj, "server_id", _MAX_NAME, required=required)
+    if server_id is not None and ":" in server_id:
+        raise _Bad("invalid_field", "'server_id' must not contain ':'")
+    return server_id
 
 
 def _exited(obj: dict[str, Any], conn: ConnId) -> Exited:

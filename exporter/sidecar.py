@@ -26,6 +26,7 @@ from exporter.lifecycle import Decision, Event, Tracker
 from exporter.lifecycle_metrics import LifecycleLog, LifecycleMetrics
 from exporter.lifesocket import LifecycleSocket
 from exporter.metrics import RegistryCollector, new_registry
+from exporter.redisclock import RedisClock
 from exporter.redisconn import SentinelMaster, connect
 from exporter.registry import DetailsWatcher, RegistryCounts, ScrapesFirst
 from exporter.sweep import Sweeper, sweep_periodically
@@ -99,7 +100,7 @@ class Sidecar:
             return False
         if self._last_scrape is None:
             return True  # nobody scrapes: no final scrape to wait for
-        return self._last_scrape > max(self._last_change, self.cleanup.last_finished_at)
+        return self._last_scrape > max(self._last_change, self.cleanup.last_counted_at)
 
     async def linger(self, timeout: float) -> bool:
         """Keep running until `_settled()` or `timeout` seconds; True if it settled.
@@ -176,12 +177,16 @@ class Sidecar:
         self.redis = connect(cfg.redis)
         self._stack.push_async_callback(self.redis.aclose)
 
-        self.counts = RegistryCounts(self.redis, self.health)
+        # Every time decision is taken on Redis's clock, shared by the whole fleet.
+        self.redis_clock = RedisClock()
+        self.counts = RegistryCounts(self.redis, self.health, clock=self.redis_clock.now)
         self.scrapes_first = ScrapesFirst()
         self.watcher = DetailsWatcher(self.redis, self.health, cfg.watch_interval,
                                       shared=cfg.details_sharing, scrapes_first=self.scrapes_first,
-                                      identity=f"{cfg.hostname}:{os.getpid()}:{id(self):x}")
-        self.registry.register(RegistryCollector(self.counts, self.watcher, self.health))
+                                      identity=f"{cfg.hostname}:{os.getpid()}:{id(self):x}",
+                                      clock=self.redis_clock.now)
+        self.registry.register(RegistryCollector(self.counts, self.watcher, self.health,
+                                                 clock=self.redis_clock.now))
         self._stack.push_async_callback(self.watcher.release)
 
         self._stack.push_async_callback(self._cancel_tasks)
@@ -192,7 +197,7 @@ class Sidecar:
 
         self.cleanup = Cleanup(self.redis, self.health, cfg.cleanup, registry=self.registry,
                                submit=self.submit, spawn=self.spawn, poll_interval=cfg.poll_interval,
-                               hostname=cfg.hostname)
+                               hostname=cfg.hostname, clock=self.redis_clock)
         self.sinks.append(self.cleanup)
         self.spawn(self.cleanup.observe_forever(), "registration-observer")
         self.spawn(self.cleanup.remove_host_orphans(), "host-orphans")

@@ -4,7 +4,9 @@ bystander server that must survive every fault, and a worker run by the launcher
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -47,14 +49,16 @@ class Serve:
     that a restarted sidecar is found where the old one was)."""
 
     def __init__(self, tmp_path: Path, redis_url: str, socket_path: str, *args: str,
-                 port: int | None = None, name: str = "serve") -> None:
+                 port: int | None = None, name: str = "serve", wrapper: tuple[str, ...] = ()) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp_path / f"{name}.log"
-        self.argv = [sys.executable, "-m", "exporter", "serve", "--redis-url", redis_url,
+        self.argv = [*wrapper, sys.executable, "-m", "exporter", "serve", "--redis-url", redis_url,
                      "--listen", f"127.0.0.1:{self.port}", "--socket", socket_path,
                      "--hostname", HOST, "--poll-interval", "0.1", "--watch-interval", "0.5",
-                     "--log-level", "info", *args]
+                     # These workers are processes of this machine: one pid, one process, as
+                     # in an ordinary pod (a test of twins passes --host-pids shared).
+                     "--host-pids", "unique", "--log-level", "info", *args]
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> Serve:
@@ -108,39 +112,35 @@ class Serve:
             raise AssertionError(f"serve still running after {timeout}s:\n{self.log()}") from None
 
     async def kill(self) -> None:
+        """SIGKILL the sidecar, and the process a wrapper (faketime forks one) runs it as."""
         if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
+            kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            for pid in (self.proc.pid, *map(int, kids)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             await self.proc.wait()
 
 
-class Bystander:
-    """A live server of HOST (another pid) beating every 0.5 s from an emulator process, and a
-    thread that reads its registration every 5 ms and records every moment it was missing while
-    Redis answered. A removal is seen even though the next beat would write it back."""
+class Sentry:
+    """A thread that reads one registration every 5 ms and records every moment it was missing
+    while Redis answered: a removal is seen even though the owner's next beat would write it back."""
 
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, member: asynq.Member) -> None:
         self.redis_url = redis_url
-        self.member = asynq.server_member(HOST, BYSTANDER_PID, BYSTANDER_ID)
+        self.member = member
         self.missing: list[tuple[float, tuple]] = []
         self.reads = 0
         self._stop = threading.Event()
-        self.proc: asyncio.subprocess.Process | None = None
+        self._thread = threading.Thread(target=self._watch, name="sentry", daemon=True)
 
-    async def start(self) -> Bystander:
-        self.proc = await asyncio.create_subprocess_exec(
-            *EMULATE, "--redis-url", self.redis_url, "--host", HOST, "--pid", str(BYSTANDER_PID),
-            "--server-id", BYSTANDER_ID, "--heartbeat", "0.5", "--tasks", "2",
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        rdb = redis_sync.Redis.from_url(self.redis_url)
-        try:
-            await eventually(lambda: rdb.zscore(asynq.SERVERS, self.member.key), timeout=10,
-                             what="the bystander registered")
-        finally:
-            rdb.close()
-        self._thread = threading.Thread(target=self._watch, name="bystander-watch", daemon=True)
+    def start(self) -> Sentry:
         self._thread.start()
         return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(2)
 
     def _watch(self) -> None:
         client = redis_sync.Redis.from_url(self.redis_url, socket_timeout=0.2, socket_connect_timeout=0.2)
@@ -160,10 +160,43 @@ class Bystander:
             self._stop.wait(0.005)
         client.close()
 
+    def assert_never_missing(self) -> None:
+        assert self.missing == [], f"{self.member.key} went missing: {self.missing[:5]}"
+        assert self.reads > 0
+
+
+class Bystander:
+    """A live server of HOST (another pid) beating every 0.5 s from an emulator process, watched
+    by a Sentry."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self.member = asynq.server_member(HOST, BYSTANDER_PID, BYSTANDER_ID)
+        self.sentry = Sentry(redis_url, self.member)
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def missing(self) -> list[tuple[float, tuple]]:
+        return self.sentry.missing
+
+    async def start(self) -> Bystander:
+        self.proc = await asyncio.create_subprocess_exec(
+            *EMULATE, "--redis-url", self.redis_url, "--host", HOST, "--pid", str(BYSTANDER_PID),
+            "--server-id", BYSTANDER_ID, "--heartbeat", "0.5", "--tasks", "2",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        rdb = redis_sync.Redis.from_url(self.redis_url)
+        try:
+            await eventually(lambda: rdb.zscore(asynq.SERVERS, self.member.key), timeout=10,
+                             what="the bystander registered")
+        finally:
+            rdb.close()
+        self.sentry.start()
+        return self
+
     def assert_intact(self, *sidecars: Serve) -> None:
         """Never missing, alive now, never named by a sidecar (not even as "left alone")."""
-        assert self.missing == [], f"the bystander's registration went missing: {self.missing[:5]}"
-        assert self.reads > 0
+        self.sentry.assert_never_missing()
         assert self.proc is not None and self.proc.returncode is None, "the bystander died"
         rdb = redis_sync.Redis.from_url(self.redis_url)
         try:
@@ -175,7 +208,7 @@ class Bystander:
             assert self.member.tag not in sc.log(), f"{sc.log_path.name} touched the bystander"
 
     async def close(self) -> None:
-        self._stop.set()
+        self.sentry.stop()
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
             await self.proc.wait()
@@ -202,15 +235,20 @@ class Faults:
         self.bystanders.append(b)
         return await b.start()
 
-    async def serve(self, redis_url: str, *args: str, port: int | None = None) -> Serve:
+    async def serve(self, redis_url: str, *args: str, port: int | None = None,
+                    wrapper: tuple[str, ...] = ()) -> Serve:
+        """An `asynq-sidecar serve` process; `wrapper` runs it under another command (faketime)."""
         sc = Serve(self.tmp_path, redis_url, self.socket_path, *args, port=port,
-                   name=f"serve-{len(self.sidecars)}")
+                   name=f"serve-{len(self.sidecars)}", wrapper=wrapper)
         self.sidecars.append(sc)
         return await sc.start()
 
-    async def close(self) -> None:
+    async def stop_sidecars(self) -> None:
         for sc in self.sidecars:
             await sc.kill()
+
+    async def close(self) -> None:
+        await self.stop_sidecars()
         for b in self.bystanders:
             await b.close()
         for server in self.servers:

@@ -29,7 +29,7 @@ async def test_a_worker_speaking_the_protocol_is_tracked_through_ready_stopping_
         await eventually(lambda: sc.tracker.counts()["stopping"] == 1, what="stopping")
         assert await w.wait() == 0
         await eventually(lambda: exits(sc)["graceful"] == 1, what="bye")
-        assert tracked.deregistered and tracked.stop_signal == "SIGTERM"
+        assert tracked.outcome == "graceful" and tracked.stop_signal == "SIGTERM"
         assert sent <= tracked.stopping_at <= sent + TOLERANCE
         assert abs(metric(sc, "asynq_sidecar_last_shutdown_duration_seconds") - DRAIN) <= TOLERANCE
         await eventually(lambda: sc.tracker.workers == {}, what="forgotten after close")
@@ -56,7 +56,7 @@ async def test_client_buffers_until_a_sidecar_listens_and_replays_its_history_to
     async with Sidecar(make_config()) as sc:
         await eventually(lambda: sc.tracker.counts()["running"] == 1, what="the buffered events")
         (first,) = sc.tracker.workers.values()
-        assert first.hello_at <= hello_sent and first.server_id == "s-1"
+        assert first.hello_at <= hello_sent and first.server_ids == {"s-1"}
         await eventually(lambda: client.delivered)
     # The sidecar restarts: the client reconnects and tells the new one everything, with the
     # original times, so it knows the worker is running (and since when).

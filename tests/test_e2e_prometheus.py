@@ -88,7 +88,7 @@ async def test_dashboards_and_alerts_against_a_real_prometheus(redis_url, tmp_pa
         serve = await procs.start(
             py, "-m", "exporter", "serve", "--redis-url", redis_url, "--listen", f"127.0.0.1:{port}",
             "--socket", sock, "--shutdown-budget", "1", "--redis-timeout", "0.3", "--poll-interval", "0.2",
-            "--watch-interval", "1", "--stop-timeout", "0", log=tmp_path / "serve.log")
+            "--watch-interval", "1", "--stop-timeout", "0", "--host-pids", "unique", log=tmp_path / "serve.log")
         url = f"http://127.0.0.1:{port}"
 
         async def up():

@@ -396,15 +396,15 @@ async def test_a_cleanup_retried_after_redis_failed_midway_counts_its_leak_once(
     from exporter.lifecycle import Exited, Hello
     from tests.helpers import register_server
 
-    async with Sidecar(make_config(hostname=HOST)) as sc:
+    async with Sidecar(make_config(hostname=HOST, cleanup=CleanupConfig(host_pids_unique=True))) as sc:
         store = sc.cleanup.store
         real_remove, failures = store.remove, []
 
-        async def remove_failing_once(member, seen):
+        async def remove_failing_once(member, seen, how, settle):
             if not failures:
                 failures.append(member)
                 raise RedisConnectionError("connection reset (injected)")
-            return await real_remove(member, seen)
+            return await real_remove(member, seen, how, settle)
 
         store.remove = remove_failing_once
         conn = sc.new_conn_id()

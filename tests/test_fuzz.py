@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from exporter import protocol
 from exporter.config import OPTIONS, ConfigError, SocketConfig
-from exporter.lifecycle import Bye, Exited, Hello, Ready, State, Stopping
+from exporter.lifecycle import Bye, Exited, Hello, Ready, Registered, State, Stopping
 from exporter.protocol import MAX_LINE, Invalid, Message, parse
 from exporter.sidecar import Sidecar
 from tests.helpers import eventually
@@ -73,6 +73,8 @@ def spec_valid(obj: Any) -> bool:
                 and (_absent(obj, "server_id") or (_name(obj["server_id"], 255) and ":" not in obj["server_id"]))
                 and (_absent(obj, "shutdown_timeout") or _num(obj["shutdown_timeout"], 0, 7 * 86400))
                 and (_absent(obj, "started_at") or _num(obj["started_at"], 0, above=True)))
+    if event == "registered":
+        return _name(obj.get("server_id"), 255) and ":" not in obj["server_id"]
     if event == "stopping":
         return _absent(obj, "signal") or _name(obj["signal"], 32)
     if event == "exited":
@@ -86,12 +88,15 @@ def assert_matches(obj: dict, message: Message) -> None:
     """An accepted line carries exactly what the sender wrote."""
     ev = message.event
     assert message.time == (None if _absent(obj, "time") else float(obj["time"]))
-    kind = {"hello": Hello, "ready": Ready, "stopping": Stopping, "exited": Exited, "bye": Bye}[obj["event"]]
+    kind = {"hello": Hello, "ready": Ready, "registered": Registered, "stopping": Stopping, "exited": Exited,
+            "bye": Bye}[obj["event"]]
     assert type(ev) is kind and ev.conn == 7
     if kind is Hello:
         assert (ev.pid, ev.host, ev.server_id, ev.protocol) == (obj["pid"], obj["host"], obj.get("server_id"), 1)
         for key in ("shutdown_timeout", "started_at"):
             assert getattr(ev, key) == (None if _absent(obj, key) else float(obj[key]))
+    elif kind is Registered:
+        assert ev.server_id == obj["server_id"]
     elif kind is Stopping:
         assert ev.signal == obj.get("signal")
     elif kind is Exited:
@@ -175,6 +180,8 @@ def valid_events(draw) -> dict:
             obj["shutdown_timeout"] = draw(st.floats(min_value=0, max_value=7 * 86400))
         if draw(opt):
             obj["started_at"] = draw(st.floats(min_value=1e-9, max_value=4e9))
+    elif event == "registered":
+        obj["server_id"] = draw(_good_name.filter(lambda s: ":" not in s))
     elif event == "stopping" and draw(opt):
         obj["signal"] = draw(_good_name.filter(lambda s: len(s) <= 32))
     elif event == "exited":

@@ -44,7 +44,7 @@ HOST = socket.gethostname()
 #: +cluster|slots). Every test below that logs in as a user gives it exactly these rules.
 SIDECAR_ACL = ("on", "resetkeys", "~asynq:servers*", "~asynq:workers*", "~asynq:schedulers*",
                "~asynq-sidecar:*", "resetchannels", "-@all", "+@read", "+@write", "+@scripting",
-               "+@connection", "-@dangerous")
+               "+@connection", "-@dangerous", "+time")
 USER = "asynq-sidecar"
 
 
@@ -63,11 +63,12 @@ def metric(sc: Sidecar, name: str, **labels: str) -> float:
     return 0.0 if v is None else v
 
 
-async def start_worker(sc: Sidecar, client, pid: int, sid: str, host: str = HOST) -> tuple[int, asynq.Member]:
+async def start_worker(sc: Sidecar, client, pid: int, sid: str, host: str = HOST,
+                       expires_in: float = 10) -> tuple[int, asynq.Member]:
     """A worker says hello and registers; wait until the sidecar has seen it running."""
     conn = sc.new_conn_id()
     sc.submit(Hello(conn, pid=pid, host=host, started_at=time.time()))
-    m = register_server(client, host, pid, sid, time.time() + 10)
+    m = register_server(client, host, pid, sid, time.time() + expires_in)
     await eventually(lambda: conn in sc.tracker.workers and sc.tracker.workers[conn].state is State.RUNNING,
                      what="the worker to be running via its registration")
     return conn, m
@@ -80,7 +81,7 @@ async def exercise(redis_cfg: RedisConfig, client, make_config, *, fleet: int = 
             for i in range(fleet)]  # per-server keys in many slots: on every node of a cluster
     leaked = register_server(client, "dead-pod", 1, "gone", now - 300, with_keys=False)
 
-    async with Sidecar(make_config(redis=redis_cfg)) as sc:
+    async with Sidecar(make_config(redis=redis_cfg, cleanup=CleanupConfig(host_pids_unique=True))) as sc:
         await eventually(lambda: sc.watcher.latest, what="a details read")
         text = await scrape(sc.http_url)
         assert value(text, "asynq_sidecar_redis_up") == 1
@@ -353,23 +354,26 @@ async def test_a_cleanup_pending_while_the_master_is_dead_completes_on_the_promo
     master.close()
 
 
-async def test_a_sentinel_failover_during_a_settling_cleanup(sentinel, make_config):
-    """A lost connection: the cleanup reads the scores on the old master, waits `settle`, and
-    must check again and remove on the new one, SENTINEL FAILOVER having happened meanwhile."""
+async def test_a_sentinel_failover_while_a_cleanup_waits_for_the_expiry(sentinel, make_config):
+    """A lost connection: the cleanup reads the scores on the old master, waits for the expiry
+    plus `settle` by Redis's clock, and must check again and remove on the new one, SENTINEL
+    FAILOVER having happened meanwhile."""
     old = sentinel.master_port()
     master = sentinel.client_of(old)
-    cfg = make_config(redis=sentinel_config(sentinel), cleanup=CleanupConfig(settle=3.0))
+    settle = 2.0
+    cfg = make_config(redis=sentinel_config(sentinel), cleanup=CleanupConfig(settle=settle))
     async with Sidecar(cfg) as sc:
-        conn, m = await start_worker(sc, master, 8, "lost")
+        conn, m = await start_worker(sc, master, 8, "lost", expires_in=2)
         sentinel.wait_replicated()
-        sc.cleanup.done.clear()
         sc.submit(Disconnected(conn))
         await eventually(lambda: conn not in sc.tracker.workers, what="the loss to be applied")
         new = await asyncio.to_thread(sentinel.failover)
         assert new != old
-        assert not sc.cleanup.done.is_set(), "the failover took longer than the settle period"
         promoted = sentinel.client_of(new)
-        assert promoted.zscore(asynq.SERVERS, m.key) is not None  # replicated, not yet removed
+        seconds, micros = promoted.time()
+        expiry = promoted.zscore(asynq.SERVERS, m.key)
+        assert expiry is not None, "replicated, not yet removed"
+        assert seconds + micros / 1e6 < expiry + settle, "the failover took longer than expiry + settle"
         await eventually(lambda: gone(promoted, m), timeout=15, what="the cleanup done on the new master")
         assert metric(sc, "asynq_sidecar_registrations_removed_total", reason="worker_exit") == 1
     promoted.close()
@@ -429,14 +433,15 @@ async def test_a_removal_undone_by_a_failover_is_redone_but_a_live_one_is_not(rd
     """Replication is asynchronous: a master that acknowledged a removal and was then replaced
     took the write with it, and the registration is back as it was. It is read back later and
     removed again; one that beat since (a live server) is left alone."""
-    async with Sidecar(make_config()) as sc:
-        sc.cleanup.confirm_after = 0.3
+    async with Sidecar(make_config(cleanup=CleanupConfig(host_pids_unique=True))) as sc:
+        sc.cleanup.confirm_after = 2.0  # after the exits' cleanups have stopped looking
         lost_conn, lost = await start_worker(sc, rdb, 11, "lost-write")
         kept_conn, kept = await start_worker(sc, rdb, 12, "beats-again")
         scores = {m.key: rdb.zscore(asynq.SERVERS, m.key) for m in (lost, kept)}
         for conn in (lost_conn, kept_conn):
             sc.submit(Exited(conn, signal="SIGKILL"))
         await eventually(lambda: gone(rdb, lost) and gone(rdb, kept), what="both removed")
+        await eventually(lambda: sc.cleanup.idle, what="the exits' cleanups done")
         # The failover: the new master never saw the removals.
         register_server(rdb, HOST, 11, "lost-write", scores[lost.key])
         register_server(rdb, HOST, 12, "beats-again", scores[kept.key] + 5)  # a later beat

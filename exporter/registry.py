@@ -145,7 +145,7 @@ class ServerDetails:
     missing: int = 0  # live members whose per-server key has already expired
 
 
-async def read_details(redis: Redis, now: float, on_undecodable: Callable[[str], None],
+async def read_details(redis: Redis, now: float, on_undecodable: Callable[[str, bytes], None],
                        page: int = 250, chunk: int = 250,
                        turn: Callable[[], Awaitable[None]] = _next_tick) -> ServerDetails:
     """Read every live server's ServerInfo, page by page, aggregating as it goes.
@@ -181,7 +181,7 @@ async def read_details(redis: Redis, now: float, on_undecodable: Callable[[str],
             try:
                 asynq.parse_member(raw)  # the member is the per-server key's name
             except asynq.UndecodableError:
-                on_undecodable("member")
+                on_undecodable("member", raw)
             else:
                 keys.append(raw)
         for i in range(0, len(keys), chunk):
@@ -193,22 +193,23 @@ async def read_details(redis: Redis, now: float, on_undecodable: Callable[[str],
             else:
                 values = await redis.mget(keys[i : i + chunk])
             await turn()
-            for value in values:
-                _add_server(details, value, on_undecodable)
+            for key, value in zip(keys[i : i + chunk], values):
+                _add_server(details, key, value, on_undecodable)
         if len(members) < page:
             break
     details.duration = time.monotonic() - started
     return details
 
 
-def _add_server(details: ServerDetails, value: bytes | None, on_undecodable: Callable[[str], None]) -> None:
+def _add_server(details: ServerDetails, key: bytes, value: bytes | None,
+                on_undecodable: Callable[[str, bytes], None]) -> None:
     if value is None:
         details.missing += 1
         return
     try:
         status, concurrency, active = asynq.decode_server_load(value)
     except asynq.UndecodableError:
-        on_undecodable("server_info")
+        on_undecodable("server_info", key)
         return
     details.servers += 1
     # Any other value is folded into "unknown": the label's values stay bounded whatever is
@@ -217,6 +218,9 @@ def _add_server(details: ServerDetails, value: bytes | None, on_undecodable: Cal
     details.concurrency += concurrency
     details.active_tasks += active
 
+
+#: Undecodable values remembered so that each is counted once (the oldest are forgotten).
+UNDECODABLE_REMEMBERED = 10_000
 
 #: The fleet's shared details: a HASH written by the lease holder, read by every other sidecar.
 SHARED_DETAILS = "asynq-sidecar:details"
@@ -285,13 +289,22 @@ class DetailsWatcher:
         self._turn = scrapes_first.turn if scrapes_first is not None else _next_tick
         self.latest: ServerDetails | None = None
         self.undecodable: Counter[str] = Counter()
+        # The bad values already counted (each read meets them again), oldest first; bounded.
+        self._undecodable_seen: dict[tuple[str, bytes], None] = {}
         self.leader = False
         self.full_reads = 0
         self.updated = asyncio.Event()  # set after every read attempt (tests wait on it)
         self._take_lease = redis.register_script(_TAKE_LEASE)
         self._release_lease = redis.register_script(_RELEASE_LEASE)
 
-    def count_undecodable(self, kind: str) -> None:
+    def count_undecodable(self, kind: str, key: bytes) -> None:
+        """Count a bad value once, however many reads meet it."""
+        seen = (kind, key)
+        if seen in self._undecodable_seen:
+            return
+        if len(self._undecodable_seen) >= UNDECODABLE_REMEMBERED:
+            del self._undecodable_seen[next(iter(self._undecodable_seen))]
+        self._undecodable_seen[seen] = None
         self.undecodable[kind] += 1
 
     async def read_once(self) -> None:

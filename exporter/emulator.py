@@ -71,7 +71,7 @@ class EmulatorConfig:
     ttl: int = 10  # seconds: score = now + ttl, and the per-server keys' TTL
     tasks: int = 0  # emulated in-flight tasks while running
     drain: float = 0.5  # seconds spent draining after SIGTERM/SIGINT
-    on_exit: str = "clear"  # clear | leak
+    on_exit: str = "clear"  # clear | leak | late-beat
 
 
 @dataclass(frozen=True)
@@ -306,9 +306,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="In-flight tasks to keep in the workers hash while running [default: 0]")
     g.add_argument("--drain", type=_arg(seconds_or_zero), default=0.5, metavar="SECONDS",
                    help="Seconds to drain after SIGTERM/SIGINT, with status closed [default: 0.5]")
-    g.add_argument("--on-exit", type=_arg(one_of("clear", "leak")), default="clear", metavar="MODE",
-                   help="After draining: clear the registration like ClearServerState, or leak it "
-                        "and exit 0 (asynq #979) [default: clear]")
+    g.add_argument("--on-exit", type=_arg(one_of("clear", "leak", "late-beat")), default="clear",
+                   metavar="MODE",
+                   help="After draining: clear the registration like ClearServerState; leak it and "
+                        "exit 0; or late-beat: clear it, then beat once more 50 ms later and exit 0 "
+                        "(the heartbeat that races Shutdown in asynq #979) [default: clear]")
+    g.add_argument("--socket", default=None, metavar="PATH",
+                   help="Also report this server's life to a sidecar's lifecycle socket, as a worker "
+                        "speaking the protocol does: hello, registered (its server id), ready, "
+                        "stopping, and bye once Shutdown returned [default: do not report]")
+    g.add_argument("--no-report-id", action="store_true",
+                   help="With --socket, do not send the server id (as a worker that cannot know it)")
 
 
 def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
@@ -327,6 +335,10 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
     )
 
 
+#: The late beat of --on-exit late-beat comes this long after the clear (asynq #979's race).
+LATE_BEAT_AFTER = 0.05
+
+
 def run(values: dict[str, Any], args: argparse.Namespace) -> int:
     """Exit 0 after a graceful or leaking shutdown, 1 when Redis fails at start, 2 on bad flags."""
     from exporter import logs
@@ -339,10 +351,11 @@ def run(values: dict[str, Any], args: argparse.Namespace) -> int:
         log.error("--tasks %d is more than --concurrency %d: asynq never runs more tasks than its "
                   "concurrency", config.tasks, config.concurrency)
         return 2
-    return asyncio.run(_main(values, config))
+    return asyncio.run(_main(values, config, socket_path=args.socket, report_id=not args.no_report_id))
 
 
-async def _main(values: dict[str, Any], config: EmulatorConfig) -> int:
+async def _main(values: dict[str, Any], config: EmulatorConfig, *, socket_path: str | None = None,
+                report_id: bool = True) -> int:
     from exporter.config import RedisConfig
     from exporter.health import REDIS_FAILURES
     from exporter.redisconn import connect
@@ -353,15 +366,25 @@ async def _main(values: dict[str, Any], config: EmulatorConfig) -> int:
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
 
+    stopped_by: list[tuple[str, float]] = []
+
     def on_signal(sig: signal.Signals) -> None:
         if stop.is_set():  # asynq ignores a second SIGTERM; only SIGKILL forces an exit
             log.info("%s ignored: already shutting down", sig.name)
             return
         log.info("%s received: shutting down", sig.name)
+        stopped_by.append((sig.name, time.time()))
         stop.set()
 
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
+    client = None
+    if socket_path is not None:
+        from exporter.client import LifecycleClient
+
+        client = LifecycleClient(socket_path, host=config.host, pid=config.pid, started_at=time.time(),
+                                 shutdown_timeout=config.drain)
+        await client.start()
     try:
         emulator = Emulator(redis, config)
         try:
@@ -369,10 +392,25 @@ async def _main(values: dict[str, Any], config: EmulatorConfig) -> int:
         except REDIS_FAILURES as e:
             log.error("cannot register in Redis at %s: %s: %s", redis_cfg.display_url, type(e).__name__, e)
             return 1
+        if client is not None:
+            if report_id:
+                await client.registered(config.server_id)
+            await client.ready()
         await emulator.serve(stop)
+        if client is not None and stopped_by:
+            await client.stopping(stopped_by[0][0], at=stopped_by[0][1])
         await emulator.shutdown()
+        if client is not None:
+            await client.bye()  # Shutdown returned: the worker believes it deregistered
+            await client.flush()
+        if config.on_exit == "late-beat":
+            await asyncio.sleep(LATE_BEAT_AFTER)
+            await emulator.beat()
+            log.info("beat once more after the clear (asynq #979): the registration is back")
         return 0
     finally:
+        if client is not None:
+            await client.close()
         for sig in signals:
             loop.remove_signal_handler(sig)
         await redis.aclose()

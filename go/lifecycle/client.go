@@ -27,7 +27,7 @@ const MaxEvents = 64
 // Options tune a Client; the zero value is right for workers.
 type Options struct {
 	// Logf writes the client's few log lines (not reachable, connected, lost, dropped).
-	// nil: log.Printf.
+	// nil: log.Printf with the prefix "asynq-sidecar: ".
 	Logf func(format string, args ...any)
 	// RetryMax caps the backoff between connection attempts (0: RetryMax).
 	RetryMax time.Duration
@@ -69,7 +69,7 @@ func Start(path string, hello Hello, opts Options) *Client {
 	c := &Client{path: path, logf: opts.Logf, now: opts.Now, max: opts.RetryMax,
 		changed: make(chan struct{}), wake: make(chan struct{}, 1), finished: make(chan struct{})}
 	if c.logf == nil {
-		c.logf = log.Printf
+		c.logf = func(format string, args ...any) { log.Printf("asynq-sidecar: "+format, args...) }
 	}
 	if c.now == nil {
 		c.now = time.Now
@@ -138,7 +138,7 @@ func (c *Client) record(w wire, at time.Time) {
 	c.mu.Lock()
 	if c.closing {
 		c.mu.Unlock()
-		c.logf("asynq-sidecar: %s after Close is not delivered", w.Event)
+		c.logf("%s after Close is not delivered", w.Event)
 		return
 	}
 	keep := len(c.lines) < MaxEvents-1 || (final && !c.final && len(c.lines) < MaxEvents)
@@ -147,7 +147,7 @@ func (c *Client) record(w wire, at time.Time) {
 		first := c.dropped == 1
 		c.mu.Unlock()
 		if first {
-			c.logf("asynq-sidecar: more than %d lifecycle events; %s and later ones are dropped", MaxEvents, w.Event)
+			c.logf("more than %d lifecycle events; %s and later ones are dropped", MaxEvents, w.Event)
 		}
 		return
 	}
@@ -230,7 +230,7 @@ func (c *Client) Close(timeout time.Duration) bool {
 		c.mu.Unlock()
 		c.poke()
 		<-c.finished
-		c.logf("asynq-sidecar: could not deliver %d lifecycle event(s) to the sidecar at %s within %v",
+		c.logf("could not deliver %d lifecycle event(s) to the sidecar at %s within %v",
 			left, c.path, timeout)
 	}
 	c.mu.Lock()
@@ -250,7 +250,7 @@ func (c *Client) run() {
 		conn, err := net.Dial("unix", c.path)
 		if err != nil {
 			if !waiting {
-				c.logf("asynq-sidecar: sidecar not reachable at %s (%v); buffering and retrying in the background",
+				c.logf("sidecar not reachable at %s (%v); buffering and retrying in the background",
 					c.path, err)
 				waiting = true
 			}
@@ -268,7 +268,7 @@ func (c *Client) run() {
 			return
 		}
 		if waiting {
-			c.logf("asynq-sidecar: connected to the sidecar at %s; delivering %d buffered event(s)",
+			c.logf("connected to the sidecar at %s; delivering %d buffered event(s)",
 				c.path, len(c.lines))
 			waiting = false
 		}
@@ -286,7 +286,7 @@ func (c *Client) run() {
 		if done {
 			return
 		}
-		c.logf("asynq-sidecar: lost the connection to the sidecar at %s; reconnecting", c.path)
+		c.logf("lost the connection to the sidecar at %s; reconnecting", c.path)
 		waiting = true
 		if time.Since(opened) > stableAfter {
 			delay = RetryMin

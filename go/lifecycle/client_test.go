@@ -1,8 +1,6 @@
 package lifecycle
 
 import (
-	"bufio"
-	"encoding/json"
 	"net"
 	"os"
 	"path/filepath"
@@ -11,121 +9,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/asynq-sidecar/asynq-sidecar/go/internal/sidecartest"
 )
-
-// fakeSidecar listens on a Unix socket and collects the lines of each connection.
-type fakeSidecar struct {
-	t     *testing.T
-	path  string
-	ln    net.Listener
-	conns chan *fakeConn
-	wg    sync.WaitGroup
-	mu    sync.Mutex
-	all   []net.Conn
-}
-
-type fakeConn struct {
-	conn  net.Conn
-	lines chan map[string]any
-}
-
-func listen(t *testing.T, path string) *fakeSidecar {
-	t.Helper()
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := &fakeSidecar{t: t, path: path, ln: ln, conns: make(chan *fakeConn, 16)}
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		for {
-			conn, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			fc := &fakeConn{conn: conn, lines: make(chan map[string]any, 1024)}
-			s.mu.Lock()
-			s.all = append(s.all, conn)
-			s.mu.Unlock()
-			s.conns <- fc
-			s.wg.Add(1)
-			go func() {
-				defer s.wg.Done()
-				defer close(fc.lines)
-				sc := bufio.NewScanner(conn)
-				for sc.Scan() {
-					var m map[string]any
-					if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
-						t.Errorf("not JSON: %q: %v", sc.Text(), err)
-						return
-					}
-					fc.lines <- m
-				}
-			}()
-		}
-	}()
-	t.Cleanup(s.close)
-	return s
-}
-
-func (s *fakeSidecar) close() {
-	s.ln.Close()
-	s.mu.Lock()
-	for _, conn := range s.all {
-		conn.Close()
-	}
-	s.mu.Unlock()
-	s.wg.Wait()
-}
-
-func (s *fakeSidecar) accept() *fakeConn {
-	s.t.Helper()
-	select {
-	case fc := <-s.conns:
-		return fc
-	case <-time.After(5 * time.Second):
-		s.t.Fatal("timed out waiting for the client to connect")
-		return nil
-	}
-}
-
-// next is the next line of the connection; fails after 5 s.
-func (fc *fakeConn) next(t *testing.T) map[string]any {
-	t.Helper()
-	select {
-	case m, ok := <-fc.lines:
-		if !ok {
-			t.Fatal("connection closed; expected another line")
-		}
-		return m
-	case <-time.After(5 * time.Second):
-		t.Fatal("timed out waiting for a line")
-		return nil
-	}
-}
-
-// closed waits until the client closes the connection, failing on any further line.
-func (fc *fakeConn) closed(t *testing.T) {
-	t.Helper()
-	select {
-	case m, ok := <-fc.lines:
-		if ok {
-			t.Fatalf("unexpected line %v", m)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("timed out waiting for the client to disconnect")
-	}
-}
-
-func events(t *testing.T, fc *fakeConn, n int) []string {
-	t.Helper()
-	var names []string
-	for range n {
-		names = append(names, fc.next(t)["event"].(string))
-	}
-	return names
-}
 
 func socketPath(t *testing.T) string {
 	return filepath.Join(t.TempDir(), "lifecycle.sock")
@@ -156,12 +42,12 @@ func mustBeQuick(t *testing.T, what string, f func()) {
 }
 
 func TestHelloLineHasEveryField(t *testing.T) {
-	s := listen(t, socketPath(t))
+	s := sidecartest.Listen(t, socketPath(t))
 	t0 := time.Unix(1767225600, 125000000)
-	c := Start(s.path, Hello{PID: 42, Host: "worker-7d9f", ServerID: "abc-123", ShutdownTimeout: 8 * time.Second,
+	c := Start(s.Path, Hello{PID: 42, Host: "worker-7d9f", ServerID: "abc-123", ShutdownTimeout: 8 * time.Second,
 		StartedAt: time.Unix(1767225599, 500000000)}, Options{Logf: quiet.Logf, Now: fixedClock(t0)})
 	defer c.Close(time.Second)
-	got := s.accept().next(t)
+	got := s.Accept().Next(t)
 	want := map[string]any{"event": "hello", "protocol": 1.0, "pid": 42.0, "host": "worker-7d9f",
 		"server_id": "abc-123", "shutdown_timeout": 8.0, "started_at": 1767225599.5, "time": 1767225600.125}
 	if len(got) != len(want) {
@@ -187,10 +73,10 @@ func TestEncodingIsCompactOneLine(t *testing.T) {
 }
 
 func TestDefaultsArePidAndHostname(t *testing.T) {
-	s := listen(t, socketPath(t))
-	c := Start(s.path, Hello{}, quiet)
+	s := sidecartest.Listen(t, socketPath(t))
+	c := Start(s.Path, Hello{}, quiet)
 	defer c.Close(time.Second)
-	got := s.accept().next(t)
+	got := s.Accept().Next(t)
 	host, _ := os.Hostname()
 	if int(got["pid"].(float64)) != syscall.Getpid() || got["host"] != host {
 		t.Errorf("hello = %v; want this process's pid %d and host %q", got, syscall.Getpid(), host)
@@ -201,9 +87,9 @@ func TestDefaultsArePidAndHostname(t *testing.T) {
 }
 
 func TestEveryEventInOrder(t *testing.T) {
-	s := listen(t, socketPath(t))
+	s := sidecartest.Listen(t, socketPath(t))
 	t0 := time.Unix(1767225600, 0)
-	c := Start(s.path, Hello{PID: 7, Host: "h"}, Options{Logf: quiet.Logf, Now: fixedClock(t0)})
+	c := Start(s.Path, Hello{PID: 7, Host: "h"}, Options{Logf: quiet.Logf, Now: fixedClock(t0)})
 	c.Ready()
 	c.Registered("3f2a-uuid")
 	c.Stopping("SIGTERM")
@@ -211,7 +97,7 @@ func TestEveryEventInOrder(t *testing.T) {
 	if !c.Close(2 * time.Second) {
 		t.Fatal("Close did not deliver everything")
 	}
-	fc := s.accept()
+	fc := s.Accept()
 	want := []map[string]any{
 		{"event": "hello"},
 		{"event": "ready", "time": 1767225601.0},
@@ -220,33 +106,33 @@ func TestEveryEventInOrder(t *testing.T) {
 		{"event": "bye", "time": 1767225604.0},
 	}
 	for _, w := range want {
-		got := fc.next(t)
+		got := fc.Next(t)
 		for k, v := range w {
 			if got[k] != v {
 				t.Errorf("%v: %q = %v, want %v", got, k, got[k], v)
 			}
 		}
 	}
-	fc.closed(t)
+	fc.Closed(t)
 }
 
 func TestExitedCarriesCodeOrSignal(t *testing.T) {
-	s := listen(t, socketPath(t))
+	s := sidecartest.Listen(t, socketPath(t))
 	at := time.Unix(1767225700, 250000000)
-	c := Start(s.path, Hello{PID: 7, Host: "h"}, quiet)
+	c := Start(s.Path, Hello{PID: 7, Host: "h"}, quiet)
 	c.Exited(0, at)
 	c.Close(2 * time.Second)
-	c2 := Start(s.path, Hello{PID: 8, Host: "h"}, quiet)
+	c2 := Start(s.Path, Hello{PID: 8, Host: "h"}, quiet)
 	c2.Killed("SIGKILL", at)
 	c2.Close(2 * time.Second)
-	fc := s.accept()
-	fc.next(t)
-	if got := fc.next(t); got["code"] != 0.0 || got["time"] != 1767225700.25 || got["signal"] != nil {
+	fc := s.Accept()
+	fc.Next(t)
+	if got := fc.Next(t); got["code"] != 0.0 || got["time"] != 1767225700.25 || got["signal"] != nil {
 		t.Errorf("exited = %v; want code 0 at 1767225700.25", got)
 	}
-	fc = s.accept()
-	fc.next(t)
-	if got := fc.next(t); got["signal"] != "SIGKILL" || got["code"] != nil {
+	fc = s.Accept()
+	fc.Next(t)
+	if got := fc.Next(t); got["signal"] != "SIGKILL" || got["code"] != nil {
 		t.Errorf("exited = %v; want signal SIGKILL and no code", got)
 	}
 }
@@ -292,10 +178,10 @@ func TestLateSidecarGetsTheHistoryWithTrueTimes(t *testing.T) {
 	c.Ready()
 	c.Stopping("SIGINT")
 	<-failed // the first attempt failed: the sidecar comes late
-	s := listen(t, path)
-	fc := s.accept()
+	s := sidecartest.Listen(t, path)
+	fc := s.Accept()
 	for i, name := range []string{"hello", "ready", "stopping"} {
-		got := fc.next(t)
+		got := fc.Next(t)
 		if got["event"] != name || got["time"] != float64(1767225600+i) {
 			t.Errorf("line %d = %v; want %s at %d", i, got, name, 1767225600+i)
 		}
@@ -307,23 +193,23 @@ func TestLateSidecarGetsTheHistoryWithTrueTimes(t *testing.T) {
 
 func TestRestartingSidecarGetsTheWholeHistoryAgain(t *testing.T) {
 	path := socketPath(t)
-	s := listen(t, path)
+	s := sidecartest.Listen(t, path)
 	c := Start(path, Hello{PID: 7, Host: "h"}, quiet)
 	defer c.Close(time.Second)
 	c.Ready()
-	fc := s.accept()
-	if got := events(t, fc, 2); strings.Join(got, ",") != "hello,ready" {
+	fc := s.Accept()
+	if got := fc.Events(t, 2); strings.Join(got, ",") != "hello,ready" {
 		t.Fatalf("first connection: %v", got)
 	}
-	s.close() // the sidecar stops: its socket file is removed, the connection closed
+	s.Close() // the sidecar stops: its socket file is removed, the connection closed
 	c.Stopping("SIGTERM")
-	s2 := listen(t, path)
-	fc2 := s2.accept()
-	if got := events(t, fc2, 3); strings.Join(got, ",") != "hello,ready,stopping" {
+	s2 := sidecartest.Listen(t, path)
+	fc2 := s2.Accept()
+	if got := fc2.Events(t, 3); strings.Join(got, ",") != "hello,ready,stopping" {
 		t.Fatalf("after the restart: %v", got)
 	}
 	c.Bye()
-	if got := events(t, fc2, 1); got[0] != "bye" {
+	if got := fc2.Events(t, 1); got[0] != "bye" {
 		t.Fatalf("then: %v", got)
 	}
 }
@@ -364,10 +250,10 @@ func TestSidecarThatNeverReadsOrAcceptsDoesNotBlock(t *testing.T) {
 }
 
 func TestHistoryIsCappedButTheFinalEventFits(t *testing.T) {
-	s := listen(t, socketPath(t))
+	s := sidecartest.Listen(t, socketPath(t))
 	var logged []string
 	var mu sync.Mutex
-	c := Start(s.path, Hello{PID: 7, Host: "h"}, Options{Logf: func(f string, a ...any) {
+	c := Start(s.Path, Hello{PID: 7, Host: "h"}, Options{Logf: func(f string, a ...any) {
 		mu.Lock()
 		logged = append(logged, f)
 		mu.Unlock()
@@ -380,7 +266,9 @@ func TestHistoryIsCappedButTheFinalEventFits(t *testing.T) {
 	if !c.Close(2 * time.Second) {
 		t.Fatal("Close did not deliver")
 	}
-	got := events(t, s.accept(), MaxEvents)
+	fc := s.Accept()
+	got := fc.Events(t, MaxEvents)
+	fc.Closed(t)
 	if got[0] != "hello" || got[MaxEvents-2] != "registered" || got[MaxEvents-1] != "bye" {
 		t.Errorf("kept %v", got)
 	}
@@ -398,13 +286,13 @@ func TestHistoryIsCappedButTheFinalEventFits(t *testing.T) {
 }
 
 func TestEventsAfterCloseAreDropped(t *testing.T) {
-	s := listen(t, socketPath(t))
-	c := Start(s.path, Hello{PID: 7, Host: "h"}, quiet)
+	s := sidecartest.Listen(t, socketPath(t))
+	c := Start(s.Path, Hello{PID: 7, Host: "h"}, quiet)
 	c.Close(2 * time.Second)
 	c.Bye()
-	fc := s.accept()
-	fc.next(t)
-	fc.closed(t)
+	fc := s.Accept()
+	fc.Next(t)
+	fc.Closed(t)
 	if !c.Close(time.Second) {
 		t.Error("a second Close says not delivered")
 	}

@@ -27,6 +27,8 @@
 //     server. If it still does, or Redis cannot be read, Run logs it and closes the
 //     connection without bye: the sidecar counts the exit as lost and removes the registration
 //     itself once no heartbeat proves it alive.
+//   - Before returning, Run spends at most 1 s delivering what is left (the whole second when
+//     no sidecar listens).
 //
 // Inspector.Servers, which Run calls to find the server id (until found: at once, then backing
 // off from 5 ms to 1 s, for at most 15 s) and once more after Shutdown, is not a pure read: like

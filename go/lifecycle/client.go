@@ -201,7 +201,9 @@ func (c *Client) Flush(timeout time.Duration) bool {
 		select {
 		case <-changed:
 		case <-c.finished:
-			return c.Delivered()
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			return !c.stopped && c.sent == len(c.lines) // Close delivered everything, or not
 		case <-timer.C:
 			return false
 		}

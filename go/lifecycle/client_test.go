@@ -98,6 +98,9 @@ func TestEveryEventInOrder(t *testing.T) {
 	if !c.Close(2 * time.Second) {
 		t.Fatal("Close did not deliver everything")
 	}
+	if !c.Flush(time.Second) {
+		t.Error("Flush after a Close that delivered everything = false")
+	}
 	fc := s.Accept()
 	want := []map[string]any{
 		{"event": "hello"},

@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -33,7 +34,7 @@ import redis as redis_sync
 
 from exporter import asynq
 from tests.fault_helpers import Serve
-from tests.gobuild import PEER_VERSIONS, asynq_peers, example_worker, go_launcher  # noqa: F401 - fixtures
+from tests.gobuild import PEER_VERSIONS, asynq_peers, go_launcher  # noqa: F401 - fixtures
 from tests.helpers import eventually
 from tests.lifecycle_helpers import ROOT
 
@@ -184,6 +185,9 @@ class Env:
     launchers: dict[str, tuple[str, ...]]
     started: list[Peer] = field(default_factory=list)
     queues: int = 0
+    #: One steady server per asynq version, started with the module and never stopped by a test:
+    #: the decode test reads them, and every other test must leave their registrations alone.
+    steady: dict[str, Peer] = field(default_factory=dict)
 
     def queue(self) -> str:
         """A queue of its own per worker, so that its tasks are its own."""
@@ -207,11 +211,6 @@ class Env:
                "--shutdown-timeout", shutdown_timeout]
         prefix = [*self.launchers[launcher], "--"] if launcher != "none" else []
         return await self.start([*prefix, *cmd], f"{mode} {version} {launcher}")
-
-    async def dropin(self, *, concurrency: int, tasks: int, task_sleep: str, shutdown_timeout: str) -> Peer:
-        """go/examples/worker (the drop-in, asynq v0.26.0); it prints no lines of its own: its
-        registration, found in Redis by its pid, stands for "ready"."""
-        raise NotImplementedError
 
     async def metric(self, name: str, **labels: str) -> float:
         return (await self.serve.value(name, **labels)) or 0.0
@@ -241,6 +240,14 @@ async def env(redis_server, asynq_peers, tmp_path_factory):  # noqa: F811
     await serve.start()
     e = Env(redis_server.url, f"127.0.0.1:{redis_server.port}", rdb, serve, socket_path, asynq_peers,
             {"python": (sys.executable, "-m", "exporter", "run")})
+    # A queue map, strict priority, and 2 of 3 slots busy: every field has a telling value.
+    for v in PEER_VERSIONS:
+        e.steady[v] = await e.start(
+            [str(asynq_peers[v]), "--mode", "run", "--redis", e.redis_addr, "--queue", f"d{v}=3,low=1",
+             "--strict", "--concurrency", "3", "--enqueue", "2", "--task-sleep", "600s",
+             "--shutdown-timeout", "1s"], f"steady {v}")
+    for p in e.steady.values():
+        await p.ready()
     yield e
     await e.close()
     await serve.kill()
@@ -340,17 +347,15 @@ async def test_sigkill_and_the_979_race_every_leak_is_removed_and_no_live_regist
     combos = [(v, launcher) for v in PEER_VERSIONS for launcher in launchers]
     before = {name: await env.metric(name) for name in (
         "asynq_sidecar_leaked_registrations_total", "asynq_sidecar_abandoned_tasks_total")}
-    # A bystander: a live asynq server of this host that nothing watches; never to be touched.
-    bystander = await env.peer(PEER_VERSIONS[0], "none", "run", concurrency=1, tasks=0,
-                               task_sleep="1s", shutdown_timeout="1s")
     with LiveWatch(env.redis_url) as watch:
-        watch.add(await bystander.ready())
+        for bystander in env.steady.values():  # live servers of this host that nothing watches
+            watch.add(bystander.member)
         kills = [killed_with_tasks_in_flight(env, watch, v, launcher) for v, launcher in combos]
         races = [race(env, watch, v, launcher) for v, launcher in combos for _ in range(RACE_RUNS)]
         results = await asyncio.gather(*kills, *races)
         assert watch.reads > 0
         assert watch.missing == [], f"live registrations went missing: {watch.missing[:5]}"
-    assert not env.gone(bystander.member)
+    assert not any(env.gone(b.member) for b in env.steady.values())
     leaks = results[len(kills):]
     per_combo = {combo_id(c): sum(leaks[i * RACE_RUNS:(i + 1) * RACE_RUNS]) for i, c in enumerate(combos)}
     with capsys.disabled():
@@ -361,5 +366,57 @@ async def test_sigkill_and_the_979_race_every_leak_is_removed_and_no_live_regist
                              before["asynq_sidecar_leaked_registrations_total"] + expected)
     await env.serve.wait_for("asynq_sidecar_abandoned_tasks_total",
                              before["asynq_sidecar_abandoned_tasks_total"] + 2 * expected)
-    bystander.signal(signal.SIGTERM)
-    assert await bystander.wait() == 0
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def inspector_view(env: Env, version: str) -> list[dict]:
+    """asynq's own Inspector.Servers(), at `version`, as the peer prints it."""
+    proc = subprocess.run([str(env.peers[version]), "--mode", "inspect", "--redis", env.redis_addr],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def stored(env: Env, m: asynq.Member) -> tuple[bytes | None, dict[bytes, bytes]]:
+    return env.rdb.get(m.key), env.rdb.hgetall(m.sibling("workers").key)
+
+
+def seconds(pair: list[int]) -> float:
+    """The Inspector's time as the sidecar computes one from a protobuf Timestamp."""
+    return pair[0] + pair[1] / 1e9
+
+
+async def test_the_sidecar_decodes_every_field_real_asynq_writes_as_its_inspector_reports_it(env: Env):
+    members = {v: p.member for v, p in env.steady.items()}
+    for v, m in members.items():
+        await eventually(lambda m=m: env.rdb.hlen(m.sibling("workers").key) == 2, timeout=10,
+                         what=f"asynq {v}: its 2 tasks in the workers hash")
+    for reader in PEER_VERSIONS:
+        # Read Redis around the Inspector's read; a beat in between rewrites the values: read again.
+        for _ in range(5):
+            raw = {v: stored(env, m) for v, m in members.items()}
+            view = {s["id"]: s for s in inspector_view(env, reader)}
+            if raw == {v: stored(env, m) for v, m in members.items()}:
+                break
+        else:
+            raise AssertionError("the values kept changing under the Inspector's read")
+        for v, m in members.items():
+            info_bytes, workers = raw[v]
+            info = asynq.decode_server_info(info_bytes)
+            want = view[m.ident]
+            assert (info.server_id, info.host, info.pid) == (want["id"], want["host"], want["pid"])
+            assert (m.ident, m.host, m.pid) == (want["id"], want["host"], want["pid"])
+            assert info.concurrency == want["concurrency"] == 3
+            assert info.queues == want["queues"] == {f"d{v}": 3, "low": 1}
+            assert info.strict_priority is want["strict_priority"] is True
+            assert info.status == want["status"] == "active"
+            assert info.start_time == seconds(want["started"])
+            assert info.active_worker_count == len(want["active_workers"]) == 2
+            decoded = sorted((asynq.decode_worker_info(b) for b in workers.values()), key=lambda w: w.task_id)
+            expected = sorted(want["active_workers"], key=lambda w: w["task_id"])
+            assert [(w.task_id, w.task_type, w.queue, w.start_time, w.deadline) for w in decoded] == [
+                (w["task_id"], w["task_type"], w["queue"], seconds(w["started"]), seconds(w["deadline"]))
+                for w in expected]
+            assert all((w.host, w.pid, w.server_id) == (m.host, m.pid, m.ident) for w in decoded)

@@ -38,7 +38,8 @@ import (
 func main() {
 	mode := flag.String("mode", "run", "run, race or inspect")
 	addr := flag.String("redis", "127.0.0.1:6379", "Redis address")
-	queue := flag.String("queue", "default", "the queue to enqueue into and serve")
+	queues := flag.String("queue", "default", "the queue to enqueue into and serve; or NAME=WEIGHT,... (tasks go to the first)")
+	strict := flag.Bool("strict", false, "asynq Config.StrictPriority")
 	concurrency := flag.Int("concurrency", 2, "asynq Config.Concurrency")
 	enqueue := flag.Int("enqueue", 0, "enqueue this many sleep tasks before serving")
 	taskSleep := flag.Duration("task-sleep", time.Second, "how long a sleep task runs (less when cancelled)")
@@ -57,6 +58,11 @@ func main() {
 	if *mode != "run" && *mode != "race" {
 		log.Fatalf("--mode must be run, race or inspect, not %q", *mode)
 	}
+	weights, first, err := parseQueues(*queues)
+	if err != nil {
+		log.Fatal(err)
+	}
+	queue := &first
 	if *enqueue > 0 {
 		client := asynq.NewClient(opt)
 		for i := 0; i < *enqueue; i++ {
@@ -83,7 +89,8 @@ func main() {
 	})
 	srv := asynq.NewServer(opt, asynq.Config{
 		Concurrency:     *concurrency,
-		Queues:          map[string]int{*queue: 1},
+		Queues:          weights,
+		StrictPriority:  *strict,
 		ShutdownTimeout: *shutdownTimeout,
 		LogLevel:        asynq.WarnLevel,
 	})
@@ -123,6 +130,29 @@ func main() {
 		log.Fatal(err)
 	}
 	fmt.Printf("exit registered=%t\n", left)
+}
+
+// parseQueues reads "NAME" or "NAME=WEIGHT,NAME=WEIGHT"; the first name is where tasks go.
+func parseQueues(spec string) (map[string]int, string, error) {
+	weights := map[string]int{}
+	first := ""
+	for _, part := range strings.Split(spec, ",") {
+		name, w, found := strings.Cut(part, "=")
+		weight := 1
+		if found {
+			if _, err := fmt.Sscanf(w, "%d", &weight); err != nil || weight < 1 {
+				return nil, "", fmt.Errorf("--queue: bad weight in %q", part)
+			}
+		}
+		if name == "" {
+			return nil, "", fmt.Errorf("--queue: empty queue name in %q", spec)
+		}
+		if first == "" {
+			first = name
+		}
+		weights[name] = weight
+	}
+	return weights, first, nil
 }
 
 // waitRegistered polls asynq:servers until a member of this host and pid appears.

@@ -33,6 +33,7 @@ from tests.conftest import require_tool
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 WORKER_DOCKERFILE = ROOT / "deploy" / "kubernetes" / "native-sidecar" / "worker.Dockerfile"
+BUNDLED_DOCKERFILE = ROOT / "deploy" / "kubernetes" / "bundled" / "worker.Dockerfile"
 DEPLOY = ROOT / "deploy" / "kubernetes"
 RULES = ROOT / "alerts" / "asynq-sidecar.rules.yml"
 PROMETHEUSRULE = DEPLOY / "prometheus-operator" / "prometheusrule.yaml"
@@ -111,7 +112,8 @@ def build_args(path: Path) -> dict[str, str]:
     return args
 
 
-@pytest.mark.parametrize("dockerfile", [DOCKERFILE, WORKER_DOCKERFILE], ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, WORKER_DOCKERFILE, BUNDLED_DOCKERFILE],
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_dockerfile_passes_hadolint_with_no_finding_and_no_ignore(dockerfile, tmp_path, monkeypatch):
     hadolint = tool("hadolint", monkeypatch)
     config = tmp_path / "hadolint.yaml"  # hermetic: no .hadolint.yaml of the machine applies

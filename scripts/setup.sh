@@ -3,8 +3,9 @@
 #   - system tools the tests use (redis-server, prometheus/promtool, protoc), from Debian's
 #     packages when this machine has apt-get and we are root (always so in CI);
 #   - a virtual environment in .venv with the project and its extras;
-#   - Go (found on PATH or at /usr/local/go/bin/go; under CI=true a missing go fails) and the Go
-#     modules the tests build with: go/'s own, and asynq at each version the tests' peer uses.
+#   - Go (found on PATH or at /usr/local/go/bin/go; under CI=true a missing go fails), the Go
+#     modules the tests build with (go/'s own, and asynq at each version the tests' peer uses),
+#     and the tests' Go binaries, built into their cache (tests/gobuild.py).
 # Usage: scripts/setup.sh [EXTRAS]   (EXTRAS defaults to "test,demo")
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -75,5 +76,7 @@ if [[ "$extras" == *test* ]]; then
       (cd "$tmp" && "$go" mod download) || { rm -rf "$tmp"; echo "setup: go mod download failed for $mod" >&2; exit 1; }
       rm -rf "$tmp"
     done
+    # Build (or find cached) every Go binary the tests run, so that the test session only runs them.
+    PATH="$(dirname "$go"):$PATH" .venv/bin/python -m tests.gobuild >/dev/null
   fi
 fi

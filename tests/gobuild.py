@@ -155,3 +155,24 @@ def asynq_peers() -> dict[str, Path]:
     with ThreadPoolExecutor(len(PEER_VERSIONS)) as pool:
         built = pool.map(lambda v: build_peer(go, v), PEER_VERSIONS)
     return dict(zip(PEER_VERSIONS, built))
+
+
+def build_all() -> list[Path]:
+    """Every binary the tests use that this checkout can build (what `python -m tests.gobuild`
+    does from scripts/setup.sh, so that the test session finds them cached)."""
+    go = find_go()
+    if go is None:
+        raise GoBuildError("go is not installed")
+    built = []
+    if (GO_MODULE / "cmd" / "asynq-launch").is_dir():
+        built.append(build_launcher(go))
+    if (GO_MODULE / "examples" / "worker").is_dir():
+        built.append(build_example_worker(go))
+    with ThreadPoolExecutor(len(PEER_VERSIONS)) as pool:
+        built += pool.map(lambda v: build_peer(go, v), PEER_VERSIONS)
+    return built
+
+
+if __name__ == "__main__":
+    for path in build_all():
+        print(path)

@@ -208,10 +208,12 @@ async def test_the_launcher_exits_with_the_childs_code(launcher, tmp_socket, pro
 
 
 async def test_arguments_after_the_separator_are_the_workers(launcher, tmp_socket, processes):
-    w = await processes.start(*launcher.argv(sys.executable, "-c", "import sys; print(sys.argv[1:])",
-                                             "--socket", "-x", socket_path=tmp_socket))
-    assert await w.wait() == 0
-    assert await w.expect("['--socket', '-x']")
+    async with FakeSidecar(tmp_socket) as fake:
+        w = await processes.start(*launcher.argv(sys.executable, "-c", "import sys; print(sys.argv[1:])",
+                                                 "--socket", "-x", socket_path=tmp_socket))
+        assert await w.wait() == 0
+        assert await w.expect("['--socket', '-x']")
+        await fake.wait_names("hello", "exited")
 
 
 async def test_command_errors_exit_like_a_shell(launcher, tmp_path, tmp_socket, processes):

@@ -2,7 +2,9 @@
 
 - the static launcher, `go/cmd/asynq-launch` (CGO_ENABLED=0, -trimpath, -ldflags='-s -w': the
   binary the images ship);
-- the example worker, `go/examples/worker`;
+- the example worker, `go/examples/worker` (the drop-in), at the module's asynq version and at
+  each other version in PEER_VERSIONS (with -modfile: go.mod with that asynq version, and go.sum
+  joined with the peer's sum file of that version);
 - the real asynq peer, `go/internal/asynqpeer`, at each asynq version in PEER_VERSIONS: its
   main.go in a module of its own made from the committed `asynq-<version>.mod` and `.sum`.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -84,6 +87,15 @@ def _go_build(go: str, cwd: Path, output: Path, package: str, *flags: str, env: 
         raise GoBuildError(f"go build {package} (in {cwd}) failed:\n{proc.stdout}{proc.stderr}")
 
 
+def module_asynq_version() -> str:
+    """The asynq version go/go.mod requires."""
+    m = re.search(r"^\s*(?:require\s+)?github\.com/hibiken/asynq\s+(v\S+)", (GO_MODULE / "go.mod").read_text(),
+                  re.MULTILINE)
+    if not m:
+        raise GoBuildError("go/go.mod requires no github.com/hibiken/asynq")
+    return m.group(1)
+
+
 def build_in_module(go: str, package: str, name: str, *, static: bool = False) -> Path:
     """A package of the go/ module (`./cmd/asynq-launch`), cached."""
     flags = STATIC if static else ()
@@ -96,8 +108,24 @@ def build_launcher(go: str) -> Path:
     return build_in_module(go, "./cmd/asynq-launch", "asynq-launch", static=True)
 
 
-def build_example_worker(go: str) -> Path:
-    return build_in_module(go, "./examples/worker", "worker")
+def build_example_worker(go: str, version: str | None = None) -> Path:
+    """go/examples/worker at go.mod's asynq version, or at `version` (one of PEER_VERSIONS)."""
+    pinned = module_asynq_version()
+    if version is None or version == pinned:
+        return build_in_module(go, "./examples/worker", "worker")
+    peer_sum = PEER_DIR / f"asynq-{version}.sum"
+    key = _key(go, [*_module_files(), peer_sum], "./examples/worker", version)
+
+    def build(out: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="worker-") as tmp:
+            mod, s = Path(tmp) / "alt.mod", Path(tmp) / "alt.sum"
+            text = (GO_MODULE / "go.mod").read_text()
+            mod.write_text(text.replace(f"github.com/hibiken/asynq {pinned}", f"github.com/hibiken/asynq {version}"))
+            lines = set((GO_MODULE / "go.sum").read_text().splitlines()) | set(peer_sum.read_text().splitlines())
+            s.write_text("\n".join(sorted(lines)) + "\n")
+            _go_build(go, GO_MODULE, out, "./examples/worker", f"-modfile={mod}", env=go_env())
+
+    return _cached(f"worker-{version}", key, build)
 
 
 def build_peer(go: str, version: str) -> Path:
@@ -141,11 +169,13 @@ def go_launcher() -> Path:
 
 
 @pytest.fixture(scope="session")
-def example_worker() -> Path:
-    """go/examples/worker: an asynq worker on the drop-in."""
+def example_workers() -> dict[str, Path]:
+    """{asynq version: go/examples/worker (an asynq worker on the drop-in) built at it}."""
     go = _go_or_skip()
     _require_package("./examples/worker")
-    return build_example_worker(go)
+    with ThreadPoolExecutor(len(PEER_VERSIONS)) as pool:
+        built = pool.map(lambda v: build_example_worker(go, v), PEER_VERSIONS)
+    return dict(zip(PEER_VERSIONS, built))
 
 
 @pytest.fixture(scope="session")
@@ -166,9 +196,9 @@ def build_all() -> list[Path]:
     built = []
     if (GO_MODULE / "cmd" / "asynq-launch").is_dir():
         built.append(build_launcher(go))
-    if (GO_MODULE / "examples" / "worker").is_dir():
-        built.append(build_example_worker(go))
     with ThreadPoolExecutor(len(PEER_VERSIONS)) as pool:
+        if (GO_MODULE / "examples" / "worker").is_dir():
+            built += pool.map(lambda v: build_example_worker(go, v), PEER_VERSIONS)
         built += pool.map(lambda v: build_peer(go, v), PEER_VERSIONS)
     return built
 

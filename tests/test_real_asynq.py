@@ -34,7 +34,7 @@ import redis as redis_sync
 
 from exporter import asynq
 from tests.fault_helpers import Serve
-from tests.gobuild import PEER_VERSIONS, asynq_peers, go_launcher  # noqa: F401 - fixtures
+from tests.gobuild import PEER_VERSIONS, asynq_peers, example_workers, go_launcher  # noqa: F401 - fixtures
 from tests.helpers import eventually
 from tests.lifecycle_helpers import ROOT
 
@@ -185,6 +185,8 @@ class Env:
     launchers: dict[str, tuple[str, ...]]
     started: list[Peer] = field(default_factory=list)
     queues: int = 0
+    #: {asynq version: go/examples/worker built at it}, once a test asked for the drop-in.
+    dropins: dict[str, Path] = field(default_factory=dict)
     #: One steady server per asynq version, started with the module and never stopped by a test:
     #: the decode test reads them, and every other test must leave their registrations alone.
     steady: dict[str, Peer] = field(default_factory=dict)
@@ -211,6 +213,30 @@ class Env:
                "--shutdown-timeout", shutdown_timeout]
         prefix = [*self.launchers[launcher], "--"] if launcher != "none" else []
         return await self.start([*prefix, *cmd], f"{mode} {version} {launcher}")
+
+    async def dropin(self, version: str, *, concurrency: int, tasks: int, task_sleep: str,
+                     shutdown_timeout: str) -> Peer:
+        """go/examples/worker (asynqsidecar.NewServer + Run) at `version`, reporting on its own;
+        it serves the queue default. It prints no lines for the test: its registration, found in
+        Redis by its pid, stands for "ready"."""
+        p = await self.start([str(self.dropins[version]), "--redis", self.redis_addr,
+                              "--concurrency", str(concurrency), "--enqueue", str(tasks),
+                              "--task-sleep", task_sleep, "--shutdown-timeout", shutdown_timeout],
+                             f"drop-in {version}")
+        p.pid = p.proc.pid
+        prefix = f"asynq:servers:{{{HOST}:{p.pid}:"
+
+        def found() -> str | None:
+            return next((m.decode() for m in self.rdb.zrange(asynq.SERVERS, 0, -1)
+                         if m.decode().startswith(prefix)), None)
+
+        key = await eventually(found, timeout=15, what=f"{p.label}: its registration")
+        p.server_id = asynq.parse_member(key).ident
+        return p
+
+    def active(self, queue: str = "default") -> int:
+        """Tasks in flight in `queue` (the LIST asynq:{queue}:active, written at dequeue)."""
+        return self.rdb.llen(f"asynq:{{{queue}}}:active")
 
     async def metric(self, name: str, **labels: str) -> float:
         return (await self.serve.value(name, **labels)) or 0.0
@@ -265,9 +291,12 @@ def combo_id(combo) -> str:
 
 
 def use_launcher(request, env: Env, launcher: str) -> None:
-    """Make `launcher` runnable in `env`: the Go one is built (or the test skips without it)."""
+    """Make `launcher` runnable in `env`: the Go one, or the drop-in example worker ("drop-in"),
+    is built (or the test skips without it)."""
     if launcher == "go" and "go" not in env.launchers:
         env.launchers["go"] = (str(request.getfixturevalue("go_launcher")),)
+    if launcher == "drop-in" and not env.dropins:
+        env.dropins.update(request.getfixturevalue("example_workers"))
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=combo_id)
@@ -294,22 +323,57 @@ async def test_a_graceful_run_is_measured_within_50ms_and_leaves_nothing(request
     assert await env.metric("asynq_sidecar_leaked_registrations_total") == leaked
 
 
+@pytest.mark.parametrize("version", PEER_VERSIONS, ids=lambda v: f"asynq-{v}")
+async def test_the_drop_in_drains_every_busy_slot_ignores_a_second_sigterm_and_leaves_nothing(
+        request, env: Env, version):
+    """What #979 needs (all slots busy, a second stop while the first Shutdown drains) cannot
+    make the drop-in exit before its registration is gone: one signal loop, one Shutdown."""
+    use_launcher(request, env, "drop-in")
+    leaked, graceful = (await env.metric("asynq_sidecar_leaked_registrations_total"),
+                        await env.metric("asynq_sidecar_worker_exits_total", outcome="graceful"))
+    p = await env.dropin(version, concurrency=2, tasks=2, task_sleep="60s", shutdown_timeout="1s")
+    m = p.member
+    await eventually(lambda: env.active() == 2, timeout=10, what="both slots busy")
+    ended = p.watch_exit()
+    sent = time.time()
+    p.signal(signal.SIGTERM)
+    await env.serve.wait_for("asynq_sidecar_workers", 1, state="stopping")
+    p.signal(signal.SIGTERM)  # during the drain
+    assert await p.wait() == 0
+    observed = await ended - sent
+    assert env.gone(m)  # deregistered before it exited
+    await env.serve.wait_for("asynq_sidecar_worker_exits_total", graceful + 1, outcome="graceful")
+    duration = await env.metric("asynq_sidecar_last_shutdown_duration_seconds")
+    assert abs(duration - observed) <= TOLERANCE, (duration, observed)
+    assert 1.0 <= duration  # the drain waited out the shutdown timeout for the busy slots
+    assert await env.metric("asynq_sidecar_leaked_registrations_total") == leaked
+    assert env.active() == 0  # Shutdown requeued both tasks
+
+
 # ---------------------------------------------------------------- SIGKILL and the #979 race
 
 
 async def killed_with_tasks_in_flight(env: Env, watch: LiveWatch, version: str, launcher: str) -> asynq.Member:
-    """A worker SIGKILLed while both its slots run a task; its registration, once gone."""
-    p = await env.peer(version, launcher, "run", concurrency=2, tasks=2, task_sleep="60s",
-                       shutdown_timeout="1s")
-    m = await p.ready()
-    watch.add(m)
-    await p.line("busy 2")
+    """A worker SIGKILLed while both its slots run a task; its registration, once gone. Under the
+    drop-in, every drop-in worker of the run serves the queue default with as many slots as it
+    enqueued tasks, so that every slot ends up busy."""
+    if launcher == "drop-in":
+        p = await env.dropin(version, concurrency=2, tasks=2, task_sleep="60s", shutdown_timeout="1s")
+        m = p.member
+        watch.add(m)
+    else:
+        p = await env.peer(version, launcher, "run", concurrency=2, tasks=2, task_sleep="60s",
+                           shutdown_timeout="1s")
+        m = await p.ready()
+        watch.add(m)
+        await p.line("busy 2")
     # The sidecar counts the tasks of the workers hash, which the next beat (within 5 s) writes.
     await eventually(lambda: env.rdb.hlen(m.sibling("workers").key) == 2, timeout=10,
                      what=f"{p.label}: both tasks in the workers hash")
     watch.drop(m)
     os.kill(m.pid, signal.SIGKILL)
-    assert await p.wait() == 128 + signal.SIGKILL
+    # A launcher exits with 128+9; the drop-in worker itself was killed.
+    assert await p.wait() == (-signal.SIGKILL if launcher == "drop-in" else 128 + signal.SIGKILL)
     await eventually(lambda: env.gone(m), timeout=REMOVAL_DEADLINE, what=f"{p.label}: {m.key} removed")
     return m
 
@@ -339,18 +403,22 @@ async def race(env: Env, watch: LiveWatch, version: str, launcher: str) -> bool:
 async def test_sigkill_and_the_979_race_every_leak_is_removed_and_no_live_registration_touched(
         request, env: Env, capsys):
     launchers = ["python"]
-    try:
-        use_launcher(request, env, "go")
-        launchers.append("go")
-    except pytest.skip.Exception:
-        pass  # this checkout has no Go launcher yet (in CI the fixture fails instead)
-    combos = [(v, launcher) for v in PEER_VERSIONS for launcher in launchers]
+    for name in ("go", "drop-in"):
+        try:
+            use_launcher(request, env, name)
+            launchers.append(name)
+        except pytest.skip.Exception:
+            pass  # not in this checkout yet (in CI the fixture fails instead)
+    # The drop-in cannot run the race (that is its point): it is SIGKILLed, and tested with a
+    # second SIGTERM above.
+    kill_combos = [(v, launcher) for v in PEER_VERSIONS for launcher in launchers]
+    combos = [(v, launcher) for v, launcher in kill_combos if launcher != "drop-in"]
     before = {name: await env.metric(name) for name in (
         "asynq_sidecar_leaked_registrations_total", "asynq_sidecar_abandoned_tasks_total")}
     with LiveWatch(env.redis_url) as watch:
         for bystander in env.steady.values():  # live servers of this host that nothing watches
             watch.add(bystander.member)
-        kills = [killed_with_tasks_in_flight(env, watch, v, launcher) for v, launcher in combos]
+        kills = [killed_with_tasks_in_flight(env, watch, v, launcher) for v, launcher in kill_combos]
         races = [race(env, watch, v, launcher) for v, launcher in combos for _ in range(RACE_RUNS)]
         results = await asyncio.gather(*kills, *races)
         assert watch.reads > 0

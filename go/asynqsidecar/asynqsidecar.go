@@ -27,18 +27,21 @@
 //     server. If it still does, or Redis cannot be read, Run logs it and closes the
 //     connection without bye: the sidecar counts the exit as lost and removes the registration
 //     itself once no heartbeat proves it alive.
+//   - Before returning, Run spends at most 1 s delivering what is left (the whole second when
+//     no sidecar listens).
 //
 // Inspector.Servers, which Run calls to find the server id (until found: at once, then backing
 // off from 5 ms to 1 s, for at most 15 s) and once more after Shutdown, is not a pure read: like
 // `asynq server ls` and asynqmon's servers page, it removes from the asynq:servers and
-// asynq:workers sorted sets every member whose expiry score is more than a second in the past
+// asynq:workers sorted sets every member whose expiry score is a second or more in the past
 // on this process's clock (ZREMRANGEBYSCORE), that is registrations of servers that died
-// without deregistering. It reads every live server's info (one GET each), so each call costs
-// O(servers) on Redis. On a worker whose clock runs more than about 5 s ahead of the others, it
-// can remove the members of live servers, which re-add them at their next heartbeat (within
-// 5 s). The check after Shutdown sees the asynq:servers entry only: when asynq's
-// ClearServerState failed after its first step, a leftover asynq:workers member is invisible
-// to it (it expires within 10 s and the next listing removes it).
+// without deregistering. It reads every live server's info and active tasks (a GET and an
+// HVALS per server), so each call costs O(servers) on Redis. On a worker whose clock runs more
+// than about 5 s ahead of the others, it can remove the members of live servers, which re-add
+// them at their next heartbeat (within 5 s). The check after Shutdown sees the asynq:servers
+// entry only: when asynq's ClearServerState failed after its first step, a leftover
+// asynq:workers member is invisible to it (it expires within 10 s and the next listing
+// removes it).
 package asynqsidecar
 
 import (

@@ -165,7 +165,11 @@ func TestRunReportsEveryStepAndSaysByeOnceDeregistered(t *testing.T) {
 	if _, err := client.Enqueue(asynq.NewTask("sleep", nil)); err != nil {
 		t.Fatal(err)
 	}
-	<-started
+	select {
+	case <-started:
+	case <-time.After(sidecartest.Wait):
+		t.Fatal("the task did not start")
+	}
 	signalSelf(t, syscall.SIGTERM)
 	expect(t, conn.Next(t), map[string]any{"event": "stopping", "signal": "SIGTERM"})
 	f.logs.wait("Starting graceful shutdown")

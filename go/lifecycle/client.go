@@ -35,11 +35,11 @@ type Options struct {
 	Now func() time.Time
 }
 
-// Client is one worker's connection to the sidecar. Every method returns at once: an event is
-// recorded with its time and delivered by a background goroutine that connects, retries with
-// backoff (50 ms doubling to 1 s) while no sidecar listens, and on every new connection sends
-// the whole history again, so a worker that starts before its sidecar, or outlives a sidecar
-// restart, is tracked with true times. A Client is safe for concurrent use.
+// Client is one worker's connection to the sidecar. Every event method returns at once: the
+// event is recorded with its time and delivered by a background goroutine that connects,
+// retries with backoff (50 ms doubling to 1 s) while no sidecar listens, and on every new
+// connection sends the whole history again, so a worker that starts before its sidecar, or
+// outlives a sidecar restart, is tracked with true times. A Client is safe for concurrent use.
 //
 // Closing without Exited or Bye tells the sidecar the worker is gone without a word (lost).
 type Client struct {
@@ -201,7 +201,9 @@ func (c *Client) Flush(timeout time.Duration) bool {
 		select {
 		case <-changed:
 		case <-c.finished:
-			return c.Delivered()
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			return !c.stopped && c.sent == len(c.lines) // Close delivered everything, or not
 		case <-timer.C:
 			return false
 		}

@@ -232,11 +232,11 @@ func TestLateSidecarGetsEverythingWithTrueTimes(t *testing.T) {
 // As PID 1 of a PID namespace, the launcher reaps orphans re-parented to it.
 func TestReapsOrphansAsPid1(t *testing.T) {
 	unshare, err := exec.LookPath("unshare")
-	if err != nil || os.Geteuid() != 0 {
+	if err != nil {
 		if os.Getenv("CI") == "true" {
-			t.Fatalf("needs unshare and root (unshare: %v, euid %d)", err, os.Geteuid())
+			t.Fatal("needs unshare (util-linux)")
 		}
-		t.Skip("needs unshare and root")
+		t.Skip("needs unshare (util-linux)")
 	}
 	// The inner shell exits at once, its `sleep` is orphaned to PID 1; once the sleep ends it
 	// must vanish from /proc (reaped), not linger as a zombie (state Z).
@@ -250,7 +250,8 @@ while [ $i -lt 200 ]; do
 done
 echo "pid $orphan left in state $state"; exit 1`
 	s := sidecartest.Listen(t, socketPath(t))
-	cmd := exec.Command(unshare, "-pf", "--mount-proc", launcher, "--socket", s.Path, "--",
+	// -Ur: a user namespace of its own, so that no privilege is needed for the PID namespace.
+	cmd := exec.Command(unshare, "-Urpf", "--mount-proc", launcher, "--socket", s.Path, "--",
 		"sh", "-c", script, "sh", filepath.Join(t.TempDir(), "orphan"))
 	var stderr strings.Builder
 	cmd.Stderr = &stderr

@@ -4,7 +4,8 @@
 //	worker [--redis ADDR] [--concurrency N] [--enqueue N] [--task-sleep D] [--shutdown-timeout D]
 //
 // The sidecar's socket comes from ASYNQ_SIDECAR_SOCKET (default /run/asynq-sidecar/lifecycle.sock).
-// Without a sidecar it runs exactly as a plain asynq worker.
+// Without a sidecar it serves as fast as a plain asynq worker; only its exit waits up to 1 s
+// more, trying to deliver the last lifecycle events.
 package main
 
 import (

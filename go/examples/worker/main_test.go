@@ -106,3 +106,29 @@ func TestWorkerRejectsBadFlags(t *testing.T) {
 		}
 	}
 }
+
+// docs/protocol.md shows this worker: its excerpt must be this file's code, verbatim, so that
+// the docs never show code that does not build.
+func TestProtocolDocShowsThisCode(t *testing.T) {
+	doc, err := os.ReadFile(filepath.Join("..", "..", "..", "docs", "protocol.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, err := os.ReadFile("main.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, block := range strings.Split(string(doc), "```go\n")[1:] {
+		code := block[:strings.Index(block, "```")]
+		if strings.Contains(code, "asynqsidecar.NewServer(redis") {
+			found = true
+			if !strings.Contains(string(src), code) {
+				t.Errorf("docs/protocol.md shows code that is not in examples/worker/main.go:\n%s", code)
+			}
+		}
+	}
+	if !found {
+		t.Error("docs/protocol.md no longer shows the example worker")
+	}
+}

@@ -325,6 +325,34 @@ def test_dockerignore_lets_in_only_what_the_image_is_built_from():
         assert not ignored(path, patterns), f"{path} is needed by the build but ignored"
 
 
+def test_launcher_stage_builds_offline_from_the_build_context_alone(tmp_path):
+    """What the image's launcher stage does, without Docker: the files of go/ that .dockerignore
+    lets in, `go build` of the stage's command with no module cache and no proxy (the launcher
+    needs none of the module's requirements), giving one static file."""
+    from tests.gobuild import find_go, go_env
+
+    go = find_go() or require_tool("go")
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    context = tmp_path / "src"
+    for f in (ROOT / "go").rglob("*"):
+        rel = f.relative_to(ROOT).as_posix()
+        if f.is_file() and not ignored(rel, patterns):
+            dest = context / f.relative_to(ROOT / "go")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(f.read_bytes())
+    (build,) = [rest for word, rest in stages(DOCKERFILE)["launcher"] if word == "RUN"]
+    out = tmp_path / "out" / "asynq-launch"
+    assert build == 'CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/asynq-launch ./cmd/asynq-launch'
+    env = go_env(CGO_ENABLED="0", GOPROXY="off", GOMODCACHE=str(tmp_path / "modcache"), GOFLAGS="")
+    proc = subprocess.run([go, "build", "-trimpath", "-ldflags=-s -w", "-o", str(out), "./cmd/asynq-launch"],
+                          cwd=context, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = out.read_bytes()
+    assert data[:4] == b"\x7fELF" and b"/lib64/ld-linux" not in data  # static: no interpreter
+    assert not (tmp_path / "modcache").exists()  # nothing was downloaded, nothing needed to be
+
+
 # ---------------------------------------------------------------- manifests: loading
 
 

@@ -304,6 +304,20 @@ async def test_socket_flag_wins_over_the_environment(launcher, tmp_path, process
             assert await w.wait() == 0
 
 
+async def test_hostname_flag_wins_over_the_environment(launcher, tmp_socket, processes):
+    async with FakeSidecar(tmp_socket) as fake:
+        env = {"ASYNQ_SIDECAR_HOSTNAME": "from-env"}
+        a = await processes.start(*launcher.command, "--socket", tmp_socket, "--hostname", "from-flag",
+                                  "--", *child("0", "0"), env=env)
+        b = await launch(processes, launcher, tmp_socket, "0", "0", env=env)
+        pids = {await a.ready(): "from-flag", await b.ready(): "from-env"}
+        await eventually(lambda: len(fake.lines) == 2, what="two hellos")
+        assert {e["pid"]: e["host"] for e in fake.events()} == pids
+        for w in (a, b):
+            w.signal(signal.SIGTERM)
+            assert await w.wait() == 0
+
+
 # ---------------------------------------------------------------- with the real sidecar
 
 def only_worker(sc):

@@ -1,4 +1,6 @@
-# asynq-sidecar: the sidecar (`serve`), the launcher (`run -- CMD`) and `sweep` in one image.
+# asynq-sidecar: the sidecar (`serve`), the launcher (`run -- CMD`) and `sweep` in one image,
+# plus the static Go launcher at /usr/local/bin/asynq-launch for worker images to copy:
+#   COPY --from=asynq-sidecar:0.1.0 /usr/local/bin/asynq-launch /usr/local/bin/asynq-launch
 #
 #   docker build -t asynq-sidecar:0.1.0 \
 #     --build-arg REVISION="$(git rev-parse HEAD)" \
@@ -9,6 +11,7 @@
 # shared with the worker container). docs/deploy.md explains the Kubernetes manifests.
 
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
+ARG GO_IMAGE=golang:1.24-bookworm
 
 # ---------------------------------------------------------------- builder
 # The package and its dependencies, resolved from the ranges in pyproject.toml, into a venv
@@ -23,6 +26,15 @@ COPY exporter/ exporter/
 # A regular (not editable) install, so the venv needs nothing from /src. pip compiles the
 # bytecode here: the read-only final image never has to write any.
 RUN /opt/asynq-sidecar/bin/pip install --no-cache-dir .
+
+# ---------------------------------------------------------------- launcher
+# The Go launcher (go/cmd/asynq-launch, standard library only): CGO off makes it one static
+# file that runs in any image, scratch included. It needs none of the module's requirements,
+# so nothing is downloaded.
+FROM ${GO_IMAGE} AS launcher
+WORKDIR /src
+COPY go/ ./
+RUN CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/asynq-launch ./cmd/asynq-launch
 
 # ---------------------------------------------------------------- final
 FROM ${PYTHON_IMAGE}
@@ -51,6 +63,7 @@ RUN groupadd --system --gid 10001 asynq-sidecar \
  && install -d -o 10001 -g 10001 -m 0770 /run/asynq-sidecar
 
 COPY --from=builder /opt/asynq-sidecar /opt/asynq-sidecar
+COPY --from=launcher /out/asynq-launch /usr/local/bin/asynq-launch
 
 USER 10001:10001
 VOLUME ["/run/asynq-sidecar"]
@@ -58,8 +71,7 @@ EXPOSE 10050
 
 # For Docker and Compose (Kubernetes ignores it and uses the probes in deploy/kubernetes/).
 # python, not curl: the slim base has no curl. The port follows ASYNQ_SIDECAR_LISTEN.
-# Images built FROM this one for the launcher (`run` without --serve serves no HTTP) must
-# say HEALTHCHECK NONE, as deploy/kubernetes/native-sidecar/worker.Dockerfile does.
+# Worker images take only /usr/local/bin/asynq-launch from this one (COPY --from), not this check.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('ASYNQ_SIDECAR_LISTEN', '0.0.0.0:10050').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=4)"]
 

@@ -2,7 +2,10 @@
 # Set up everything the project needs on a fresh machine, idempotently:
 #   - system tools the tests use (redis-server, prometheus/promtool, protoc), from Debian's
 #     packages when this machine has apt-get and we are root (always so in CI);
-#   - a virtual environment in .venv with the project and its extras.
+#   - a virtual environment in .venv with the project and its extras;
+#   - Go (found on PATH or at /usr/local/go/bin/go; under CI=true a missing go fails), the Go
+#     modules the tests build with (go/'s own, and asynq at each version the tests' peer uses),
+#     and the tests' Go binaries, built into their cache (tests/gobuild.py).
 # Usage: scripts/setup.sh [EXTRAS]   (EXTRAS defaults to "test,demo")
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,4 +51,32 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${extras}]"
   rm -f .venv/.installed-*
   touch "$stamp"
+fi
+
+# Go: not from Debian (its golang is older than the module's go line); the machines carry it at
+# /usr/local/go. The modules are downloaded here so that the tests' builds need no network.
+go=$(command -v go || true)
+[ -n "$go" ] || [ ! -x /usr/local/go/bin/go ] || go=/usr/local/go/bin/go
+if [[ "$extras" == *test* ]]; then
+  if [ -z "$go" ]; then
+    if [ "${CI:-}" = true ]; then
+      echo "setup: go is not installed (neither on PATH nor /usr/local/go/bin/go); CI needs it" >&2
+      exit 1
+    fi
+    echo "setup: go is not installed; the Go tests are skipped" >&2
+  else
+    export GOTOOLCHAIN=local
+    [ ! -f go/go.mod ] || (cd go && "$go" mod download)
+    # The real-asynq peer is built at several asynq versions, each from its own go.mod and go.sum.
+    for mod in go/internal/asynqpeer/asynq-*.mod; do
+      [ -f "$mod" ] || continue
+      tmp=$(mktemp -d)
+      cp "$mod" "$tmp/go.mod"
+      cp "${mod%.mod}.sum" "$tmp/go.sum"
+      (cd "$tmp" && "$go" mod download) || { rm -rf "$tmp"; echo "setup: go mod download failed for $mod" >&2; exit 1; }
+      rm -rf "$tmp"
+    done
+    # Build (or find cached) every Go binary the tests run, so that the test session only runs them.
+    PATH="$(dirname "$go"):$PATH" .venv/bin/python -m tests.gobuild >/dev/null
+  fi
 fi

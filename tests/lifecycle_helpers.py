@@ -121,10 +121,16 @@ class Processes:
     async def client_worker(self, socket_path: str, drain: float) -> Worker:
         return await self._start(sys.executable, "-c", CLIENT_WORKER, socket_path, str(drain), HOST)
 
-    async def _start(self, *argv: str) -> Worker:
+    async def start(self, *argv: str, env: dict[str, str] | None = None) -> Worker:
+        """Any command, with stdout and stderr piped; `env` adds to a copy of this environment
+        from which every ASYNQ_SIDECAR_* variable is removed."""
+        return await self._start(*argv, env=env)
+
+    async def _start(self, *argv: str, env: dict[str, str] | None = None) -> Worker:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("ASYNQ_SIDECAR_")}
         proc = await asyncio.create_subprocess_exec(
             *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)})
+            env={**base, "PYTHONPATH": str(ROOT), **(env or {})})
         worker = Worker(proc)
         self.started.append(worker)
         return worker

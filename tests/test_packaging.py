@@ -33,6 +33,7 @@ from tests.conftest import require_tool
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 WORKER_DOCKERFILE = ROOT / "deploy" / "kubernetes" / "native-sidecar" / "worker.Dockerfile"
+BUNDLED_DOCKERFILE = ROOT / "deploy" / "kubernetes" / "bundled" / "worker.Dockerfile"
 DEPLOY = ROOT / "deploy" / "kubernetes"
 RULES = ROOT / "alerts" / "asynq-sidecar.rules.yml"
 PROMETHEUSRULE = DEPLOY / "prometheus-operator" / "prometheusrule.yaml"
@@ -41,6 +42,8 @@ MODES = ("native-sidecar", "worker-speaks-protocol", "bundled")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 SIDECAR_IMAGE = "registry.example.com/asynq-sidecar"
 SOCKET = OPTIONS["socket"].default
+#: Where the sidecar image carries the static Go launcher, for worker images to copy.
+LAUNCHER = "/usr/local/bin/asynq-launch"
 PORT = OPTIONS["listen"].default[1]
 
 # The grace-period arithmetic of docs/deploy.md, in seconds.
@@ -109,7 +112,8 @@ def build_args(path: Path) -> dict[str, str]:
     return args
 
 
-@pytest.mark.parametrize("dockerfile", [DOCKERFILE, WORKER_DOCKERFILE], ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, WORKER_DOCKERFILE, BUNDLED_DOCKERFILE],
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_dockerfile_passes_hadolint_with_no_finding_and_no_ignore(dockerfile, tmp_path, monkeypatch):
     hadolint = tool("hadolint", monkeypatch)
     config = tmp_path / "hadolint.yaml"  # hermetic: no .hadolint.yaml of the machine applies
@@ -141,7 +145,48 @@ def test_image_is_multi_stage_on_slim_python_with_a_venv_from_the_builder():
     # The project itself, so the ranges in pyproject.toml decide every dependency.
     assert len(installs) == 1 and installs[0].split()[-1] == ".", installs
     copies = [rest for word, rest in final_stage(DOCKERFILE) if word == "COPY"]
-    assert copies == ["--from=builder /opt/asynq-sidecar /opt/asynq-sidecar"]
+    assert copies == ["--from=builder /opt/asynq-sidecar /opt/asynq-sidecar",
+                      f"--from=launcher /out/asynq-launch {LAUNCHER}"]
+
+
+def stages(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """Stage name (or its index) -> its instructions, FROM first."""
+    steps = instructions(path)
+    starts = [i for i, (word, _) in enumerate(steps) if word == "FROM"] + [len(steps)]
+    out = {}
+    for n, (a, b) in enumerate(zip(starts, starts[1:])):
+        words = steps[a][1].split()
+        out[words[2] if len(words) == 3 and words[1].upper() == "AS" else str(n)] = steps[a:b]
+    return out
+
+
+def test_image_carries_the_static_go_launcher_at_a_fixed_path():
+    launcher = stages(DOCKERFILE)["launcher"]
+    assert launcher[0][1].startswith("${GO_IMAGE} ")
+    assert re.fullmatch(r"golang:1\.\d+-bookworm", build_args(DOCKERFILE)["GO_IMAGE"])
+    (build,) = [rest for word, rest in launcher if word == "RUN"]
+    # The flags the tests' build uses (tests/gobuild.py): one static file, for any image.
+    assert build == 'CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/asynq-launch ./cmd/asynq-launch'
+    assert ("COPY", "go/ ./") in launcher
+    assert LAUNCHER == "/usr/local/bin/asynq-launch"
+
+
+def test_worker_image_is_distroless_with_the_launcher_copied_from_the_sidecar_image():
+    named = stages(WORKER_DOCKERFILE)
+    assert named["sidecar"] == [("FROM", "${SIDECAR_IMAGE} AS sidecar")]  # only a source to copy from
+    assert build_args(WORKER_DOCKERFILE)["SIDECAR_IMAGE"].startswith(SIDECAR_IMAGE + ":")
+    final = final_stage(WORKER_DOCKERFILE)
+    base = final[0][1]
+    assert base == "scratch" or base.startswith("gcr.io/distroless/static"), base
+    copies = [rest for word, rest in final if word == "COPY"]
+    assert f"--from=sidecar {LAUNCHER} {LAUNCHER}" in copies
+    entrypoint = json.loads(one(final, "ENTRYPOINT"))
+    assert entrypoint == [LAUNCHER, "--socket", SOCKET, "--", "/worker"]
+    # The same command as the native-sidecar Deployment's worker.
+    spec = deployment("native-sidecar")["spec"]["template"]["spec"]
+    assert spec["containers"][0]["command"] == entrypoint
+    assert not any("python" in rest.lower() or "asynq-sidecar " in rest
+                   for _, rest in instructions(WORKER_DOCKERFILE)), "no Python in the worker image"
 
 
 def test_image_runs_as_a_numeric_non_root_user():
@@ -264,8 +309,12 @@ def test_dockerignore_lets_in_only_what_the_image_is_built_from():
                  "asynq_sidecar.egg-info/PKG-INFO", "build/lib/x.py", "dist/x.whl", "docs/deploy.md",
                  "deploy/kubernetes/bundled/deployment.yaml", ".env", "scripts/demo.sh"):
         assert ignored(path, patterns), f"{path} would be sent to the Docker build"
+    for path in ("go/lifecycle/client_test.go", "go/internal/asynqpeer/main.go"):
+        assert ignored(path, patterns), f"{path} would be sent to the Docker build"
     # Everything the Dockerfile copies from the context, and the whole package, gets in.
-    needed = ["pyproject.toml", "README.md"]
+    needed = ["pyproject.toml", "README.md", "go/go.mod", "go/go.sum", "go/cmd/asynq-launch/main.go"]
+    needed += [p.relative_to(ROOT).as_posix() for p in (ROOT / "go").rglob("*.go")
+               if not p.name.endswith("_test.go") and "asynqpeer" not in p.parts]
     needed += [p.relative_to(ROOT).as_posix() for p in (ROOT / "exporter").iterdir()
                if p.suffix in (".py", ".proto")]
     for word, rest in instructions(DOCKERFILE):
@@ -274,6 +323,34 @@ def test_dockerignore_lets_in_only_what_the_image_is_built_from():
                        for src in rest.split()[:-1]]
     for path in needed:
         assert not ignored(path, patterns), f"{path} is needed by the build but ignored"
+
+
+def test_launcher_stage_builds_offline_from_the_build_context_alone(tmp_path):
+    """What the image's launcher stage does, without Docker: the files of go/ that .dockerignore
+    lets in, `go build` of the stage's command with no module cache and no proxy (the launcher
+    needs none of the module's requirements), giving one static file."""
+    from tests.gobuild import find_go, go_env
+
+    go = find_go() or require_tool("go")
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    context = tmp_path / "src"
+    for f in (ROOT / "go").rglob("*"):
+        rel = f.relative_to(ROOT).as_posix()
+        if f.is_file() and not ignored(rel, patterns):
+            dest = context / f.relative_to(ROOT / "go")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(f.read_bytes())
+    (build,) = [rest for word, rest in stages(DOCKERFILE)["launcher"] if word == "RUN"]
+    out = tmp_path / "out" / "asynq-launch"
+    assert build == 'CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/asynq-launch ./cmd/asynq-launch'
+    env = go_env(CGO_ENABLED="0", GOPROXY="off", GOMODCACHE=str(tmp_path / "modcache"), GOFLAGS="")
+    proc = subprocess.run([go, "build", "-trimpath", "-ldflags=-s -w", "-o", str(out), "./cmd/asynq-launch"],
+                          cwd=context, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = out.read_bytes()
+    assert data[:4] == b"\x7fELF" and b"/lib64/ld-linux" not in data  # static: no interpreter
+    assert not (tmp_path / "modcache").exists()  # nothing was downloaded, nothing needed to be
 
 
 # ---------------------------------------------------------------- manifests: loading
@@ -451,7 +528,7 @@ def test_native_sidecar_starts_first_and_launches_the_worker():
     assert own_args(sidecar_argv(sidecar))[0] == "serve"
     assert sidecar["startupProbe"]["httpGet"]["path"] == "/healthz"
     (worker,) = spec["containers"]
-    assert worker["command"] == ["asynq-sidecar", "run", "--socket", SOCKET, "--", "/worker"]
+    assert worker["command"] == [LAUNCHER, "--socket", SOCKET, "--", "/worker"]
     assert_socket_shared(spec, sidecar, worker)
 
 
@@ -589,7 +666,7 @@ def test_every_flag_and_variable_exists_and_every_command_line_parses():
                 build_parser().parse_args(argv[1:])
             except SystemExit:
                 pytest.fail(f"{where}: asynq-sidecar rejects {argv}")
-    assert lines == 5  # 2 sidecars (native, worker-speaks-protocol), 2 launchers, 1 sweep
+    assert lines == 4  # 2 sidecars (native, worker-speaks-protocol), 1 launcher with --serve, 1 sweep
 
 
 def test_hostname_is_left_to_the_pod():

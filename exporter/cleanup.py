@@ -570,6 +570,8 @@ class Cleanup:
         left; the leak and its in-flight tasks are counted once per exit."""
         w = dep.watch.worker
         reason = "worker_exit" if o.claim.workers else "previous_incarnation"
+        # The workers hash goes with the removal: read its task count first.
+        in_flight = await self.store.in_flight(o.member) if o.claim.workers and not dep.tasks_counted else 0
         if self.cfg.mode == "on":
             result = await self.store.remove(o.member, seen, how, self.cfg.settle)
             if result == KEPT:
@@ -578,7 +580,7 @@ class Cleanup:
             result = REMOVED
         self.last_counted_at = time.monotonic()  # a metric changes below: the linger waits for a scrape
         if o.claim.workers:
-            await self._count_leak(dep, o)
+            self._count_leak(dep, in_flight)
         score = _present_score(seen) or now
         if self.cfg.mode == "off":
             log.warning("worker pid %d on %s exited (%s) leaving %s; cleanup is off",
@@ -595,7 +597,7 @@ class Cleanup:
                      "proven its" if how is Verdict.NOW else f"expired {now - score:.1f}s ago")
         return result
 
-    async def _count_leak(self, dep: Departure, o: Owned) -> None:
+    def _count_leak(self, dep: Departure, in_flight: int) -> None:
         """The registration outlived the worker: a leak, whatever the exit code (asynq #979 is a
         clean exit 0 that leaves it), counted once per exit. Its in-flight tasks were never
         finished or requeued by a Shutdown: they wait for asynq's lease recovery. The workers
@@ -606,7 +608,6 @@ class Cleanup:
             self.metrics.leaked.inc()
         if not dep.tasks_counted:
             dep.tasks_counted = True
-            in_flight = await self.store.in_flight(o.member)
             self.metrics.abandoned.inc(in_flight or dep.watch.in_flight)
 
     # ------------------------------------------------------------ orphans

@@ -96,9 +96,15 @@ class Serve:
         return (await self.scrape()).get((name, tuple(sorted(labels.items()))))
 
     async def wait_for(self, name: str, expected: float, timeout: float = 10.0, **labels: str) -> None:
+        seen: list[float | None] = [None]
+
         async def check() -> bool:
-            return await self.value(name, **labels) == expected
-        await eventually(check, timeout=timeout, what=f"{name}{labels} == {expected}")
+            seen[0] = await self.value(name, **labels)
+            return seen[0] == expected
+        try:
+            await eventually(check, timeout=timeout, what=f"{name}{labels} == {expected}")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; it was {seen[0]}") from None
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

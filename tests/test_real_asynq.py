@@ -428,12 +428,14 @@ async def test_sigkill_and_the_979_race_every_leak_is_removed_and_no_live_regist
     per_combo = {combo_id(c): sum(leaks[i * RACE_RUNS:(i + 1) * RACE_RUNS]) for i, c in enumerate(combos)}
     with capsys.disabled():
         print(f"\n#979 leaks out of {RACE_RUNS} runs each: {per_combo}")
-    # Every leak and every kill counted once, with both of its in-flight tasks abandoned.
+    # Every leak and every kill counted once. A killed worker's two in-flight tasks are
+    # abandoned; a #979 leak's Shutdown requeued its tasks, and what the leaked workers hash
+    # still lists depends on which beat raced the clear: 0 or 2 each.
     expected = len(kills) + sum(leaks)
     await env.serve.wait_for("asynq_sidecar_leaked_registrations_total",
                              before["asynq_sidecar_leaked_registrations_total"] + expected)
-    await env.serve.wait_for("asynq_sidecar_abandoned_tasks_total",
-                             before["asynq_sidecar_abandoned_tasks_total"] + 2 * expected)
+    abandoned = await env.metric("asynq_sidecar_abandoned_tasks_total") - before["asynq_sidecar_abandoned_tasks_total"]
+    assert 2 * len(kills) <= abandoned <= 2 * expected and abandoned % 2 == 0, abandoned
 
 
 # ---------------------------------------------------------------- decoding

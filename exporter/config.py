@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 ENV_PREFIX = "ASYNQ_SIDECAR_"
 
@@ -388,7 +388,8 @@ def resolve(ns: argparse.Namespace, names: Sequence[str], environ: Mapping[str, 
         try:
             values[opt.dest] = opt.parse(raw)
         except ConfigError as e:
-            shown = raw if len(raw) <= 200 else raw[:200] + "..."
+            shown = _mask_url(raw) if opt.parse is parse_redis_url else raw  # a URL may hold a password
+            shown = shown if len(shown) <= 200 else shown[:200] + "..."
             raise ConfigError(f"{source}: invalid value {shown!r}: {e}") from None
     _check_redis_combination(values)
     return values
@@ -422,13 +423,27 @@ def _check_redis_combination(v: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------- typed configs
 
 
+#: Query parameters of a Redis URL whose values are never shown: redis-py reads `password`
+#: (and a Sentinel's) from the query string as well as from the userinfo.
+_SECRET_PARAMS = ("pass", "secret", "token", "auth", "key")
+
+
 def _mask_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:" if parts.username else ":"
-    return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))
+    """The URL with the userinfo password and every secret-looking query value replaced by ***."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port, as a bad URL must
+    except ValueError:
+        return "(a malformed URL, not shown: it may hold a password)"
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = f"{parts.username}:" if parts.username else ":"
+        parts = parts._replace(netloc=f"{user}***@{netloc}")
+    if parts.query:
+        query = [(name, "***" if any(word in name.lower() for word in _SECRET_PARAMS) else value)
+                 for name, value in parse_qsl(parts.query, keep_blank_values=True)]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return urlunsplit(parts)
 
 
 @dataclass(frozen=True)

@@ -231,7 +231,11 @@ async def test_insecure_skip_verify_connects_without_the_ca(tls_redis, tls_clien
 # ---------------------------------------------------------------- ACL and the password file
 
 
-def test_the_password_never_shows_in_argv_environment_logs_metrics_or_audit(redis_server, tmp_path):
+@pytest.mark.parametrize("given", ["file", "url-query"])
+def test_the_password_never_shows_in_argv_environment_logs_metrics_or_audit(redis_server, tmp_path, given):
+    """From --redis-password-file, or in the URL's query string (redis-py reads ?password=): in
+    neither case does it show in the logs, /metrics, audit, sweep's JSON or an error; from a file
+    it is not in argv or the environment either."""
     admin = redis_sync.Redis.from_url(redis_server.url)
     user = f"leak-test-{secrets.token_hex(4)}"
     password = "pw-" + secrets.token_hex(12)
@@ -242,14 +246,18 @@ def test_the_password_never_shows_in_argv_environment_logs_metrics_or_audit(redi
     pw_file.write_text(password + "\n")
     wrong_file = tmp_path / "wrong-password"
     wrong_file.write_text("wrong-" + password + "\n")
-    url = f"redis://{user}@127.0.0.1:{redis_server.port}/0"
+    base = f"redis://{user}@127.0.0.1:{redis_server.port}/0"
+    if given == "file":
+        url, auth, wrong = base, ["--redis-password-file", str(pw_file)], [base, "--redis-password-file", str(wrong_file)]
+    else:
+        url, auth, wrong = f"{base}?password={password}", [], [f"{base}?password=wrong-{password}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     seen: dict[str, str] = {}
     try:
         port = free_port()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "serve", "--redis-url", url, "--redis-password-file",
-             str(pw_file), "--listen", f"127.0.0.1:{port}", "--socket", str(tmp_path / "l.sock"),
+            [sys.executable, "-m", "exporter", "serve", "--redis-url", url, *auth,
+             "--listen", f"127.0.0.1:{port}", "--socket", str(tmp_path / "l.sock"),
              "--log-level", "debug"], stderr=subprocess.PIPE, text=True, env=env)
         try:
             def metrics() -> str | None:
@@ -260,30 +268,36 @@ def test_the_password_never_shows_in_argv_environment_logs_metrics_or_audit(redi
                 return body if "asynq_sidecar_redis_up 1.0" in body else None
 
             seen["/metrics"] = wait_until(metrics, timeout=10, what="serve to log in and scrape")
-            with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
-                seen["argv"] = f.read().decode(errors="replace")
-            with open(f"/proc/{proc.pid}/environ", "rb") as f:
-                seen["environment"] = f.read().decode(errors="replace")
+            if given == "file":
+                with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+                    seen["argv"] = f.read().decode(errors="replace")
+                with open(f"/proc/{proc.pid}/environ", "rb") as f:
+                    seen["environment"] = f.read().decode(errors="replace")
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=10)
         finally:
             proc.kill()
             seen["serve log"] = proc.communicate()[1]
-        for name, args in {"audit": [], "audit --json": ["--json"]}.items():
-            out = subprocess.run([sys.executable, "-m", "exporter", "audit", "--redis-url", url,
-                                  "--redis-password-file", str(pw_file), *args],
+        for name, args in {"audit": ["audit"], "audit --json": ["audit", "--json"],
+                           "sweep --json": ["sweep", "--dry-run", "--json"]}.items():
+            out = subprocess.run([sys.executable, "-m", "exporter", *args, "--redis-url", url, *auth],
                                  capture_output=True, text=True, env=env, timeout=30)
-            assert out.returncode == 1, out.stderr  # it logged in and found the expired entry
+            assert out.returncode in (0, 1), out.stderr  # it logged in
             seen[name] = out.stdout + out.stderr
-        refused = subprocess.run([sys.executable, "-m", "exporter", "audit", "--redis-url", url,
-                                  "--redis-password-file", str(wrong_file)],
+        refused = subprocess.run([sys.executable, "-m", "exporter", "audit", "--redis-url", *wrong],
                                  capture_output=True, text=True, env=env, timeout=30)
         assert refused.returncode == 2 and "cannot read Redis" in refused.stderr
         seen["refused audit"] = refused.stdout + refused.stderr
+        bad = subprocess.run([sys.executable, "-m", "exporter", "audit", "--redis-url",
+                              url.replace(str(redis_server.port), "99999")],
+                             capture_output=True, text=True, env=env, timeout=30)
+        assert bad.returncode == 2 and "--redis-url" in bad.stderr
+        seen["bad flag"] = bad.stdout + bad.stderr
     finally:
         admin.acl_deluser(user)
         admin.close()
     assert "dead-pod" in seen["audit"] and '"redis_url"' in seen["audit --json"]
+    assert '"redis_url"' in seen["sweep --json"]
     for where, text in seen.items():
         assert password not in text, f"the password shows in {where}"
 

@@ -22,7 +22,7 @@ from exporter.config import ServeConfig
 from exporter.health import REDIS_FAILURES, RedisHealth
 from exporter.cleanup import Cleanup
 from exporter.http import build_app
-from exporter.lifecycle import Decision, Event, Tracker
+from exporter.lifecycle import Decision, Event, Tracker, WorkerForgotten
 from exporter.lifecycle_metrics import LifecycleLog, LifecycleMetrics
 from exporter.lifesocket import LifecycleSocket
 from exporter.metrics import RegistryCollector, new_registry
@@ -78,13 +78,17 @@ class Sidecar:
     async def _apply_events(self) -> None:
         while True:
             event, at = await self._events.get()
-            for decision in self.tracker.apply(event, at):
+            decisions = self.tracker.apply(event, at)
+            for decision in decisions:
                 for sink in self.sinks:
                     try:
                         sink.handle(decision, at)
                     except Exception:  # a sink's bug must not stop tracking
                         log.exception("sink %s failed on %s", type(sink).__name__, type(decision).__name__)
-            self._last_change = time.monotonic()
+            # Forgetting an exited worker (its connection closed) changes no metric: a scrape
+            # that read the exit has read the final state.
+            if any(not isinstance(d, WorkerForgotten) for d in decisions):
+                self._last_change = time.monotonic()
             self._changed.set()
 
     async def _before_scrape(self) -> None:
@@ -239,11 +243,15 @@ class Sidecar:
 
 
 async def serve_until_signalled(cfg: ServeConfig) -> int:
-    """Serve until SIGTERM or SIGINT; the handlers only set the stop event."""
+    """Serve until SIGTERM or SIGINT; the handlers only set the stop event. SIGHUP, which would
+    otherwise end the process, is logged and ignored: nothing is reloaded (flags and the web
+    config file are read once, at start), and a stray hang-up must not stop the safety net."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, log.info,
+                            "SIGHUP received: ignored (nothing is reloaded; restart to change the configuration)")
     async with Sidecar(cfg) as sidecar:
         await stop.wait()
         log.info("stopping")

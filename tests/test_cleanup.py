@@ -16,7 +16,7 @@ from exporter import asynq
 from exporter.cleanup import RegistrationStore
 from exporter.removal import ABSENT, KEPT, REMOVED, Verdict
 from exporter.config import CleanupConfig, RedisConfig
-from exporter.lifecycle import Disconnected, Exited, Hello, State
+from exporter.lifecycle import Bye, Disconnected, Exited, Hello, State
 from exporter.redis_server import RedisServer
 from exporter.sidecar import Sidecar
 from tests.helpers import eventually, register_server
@@ -317,6 +317,25 @@ async def test_lingering_waits_for_a_final_scrape_when_something_scrapes(rdb, ma
         assert value(text, "asynq_sidecar_worker_exits_total", outcome="graceful") == 1
         assert await asyncio.wait_for(lingering, 2) is True
         assert await sc.linger(0) is True  # settled: returns at once
+
+
+async def test_lingering_ends_once_the_exit_was_scraped_even_if_the_connection_closes_later(rdb, make_config):
+    """The final state was scraped after bye; the connection then closes, which changes no
+    metric: the stopping sidecar does not wait for yet another scrape up to its timeout."""
+    from tests.helpers import scrape, value
+
+    async with Sidecar(make_config()) as sc:
+        conn = sc.new_conn_id()
+        sc.submit(Hello(conn, pid=3, host=HOST, started_at=time.time()))
+        sc.submit(Bye(conn))
+        await eventually(lambda: conn in sc.tracker.workers and sc.tracker.workers[conn].state is State.EXITED,
+                         what="bye applied")
+        text = await scrape(sc.http_url)
+        assert value(text, "asynq_sidecar_worker_exits_total", outcome="graceful") == 1
+        sc.submit(Disconnected(conn))
+        started = time.monotonic()
+        assert await sc.linger(5) is True
+        assert time.monotonic() - started < 2.5  # the look for a late write after bye ends 1 s after the close
 
 
 async def test_lingering_gives_up_at_its_timeout(rdb, make_config):

@@ -442,3 +442,20 @@ async def test_hundreds_of_registrations_left_while_the_sidecar_was_down_are_all
     assert await sc.value("asynq_sidecar_cleanup_errors_total") == 0
     assert "Redis down" not in sc.log()
     bystander.assert_intact(sc)
+
+
+# ---------------------------------------------------------------- signals
+
+
+async def test_sighup_is_logged_and_does_not_stop_serve(faults, redis_url):
+    """SIGHUP's default action ends a process: serve logs it and goes on serving, its socket in
+    place; SIGTERM still stops it cleanly."""
+    sc = await faults.serve(redis_url)
+    sc.signal(signal.SIGHUP)
+    await eventually(lambda: "SIGHUP received: ignored" in sc.log(), what="the SIGHUP logged")
+    assert sc.proc.returncode is None
+    assert await sc.value("asynq_sidecar_redis_up") == 1
+    assert os.path.exists(faults.socket_path)
+    sc.signal(signal.SIGTERM)
+    assert await sc.wait() == 0
+    assert not os.path.exists(faults.socket_path)

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from exporter import asynq
 from exporter.config import OPTIONS, readable_file
 from tests.conftest import require_tool
 
@@ -50,7 +51,9 @@ PORT = OPTIONS["listen"].default[1]
 ASYNQ_DRAIN = 8.0  # asynq's Config.ShutdownTimeout default
 ASYNQ_EXIT = 1.0  # heartbeater stop, ClearServerState (3 round trips), process exit
 CLEANUP = 2 * OPTIONS["redis-timeout"].default  # two Redis operations timing out
-SETTLE = OPTIONS["settle"].default  # an unreported exit waits this long before cleanup
+# An unreported exit waits for the registration's expiry (at most asynq's TTL after its last
+# beat) plus --settle, by Redis's clock, before cleanup.
+EXPIRY_AND_SETTLE = asynq.REGISTRATION_TTL + OPTIONS["settle"].default
 KUBELET_LAG = 2.0  # the kubelet noticing the worker's exit before it SIGTERMs the sidecar
 SECURITY_CONTEXT = {
     "runAsNonRoot": True,
@@ -602,8 +605,8 @@ def test_grace_period_covers_asynq_drain_and_the_sidecar_cleanup(mode):
     (argv,) = [sidecar_argv(c) for c in containers(spec) if serves_http(c)]
     budget = float(flags(argv).get("shutdown-budget") or OPTIONS["shutdown-budget"].default)
     worker_shutdown = ASYNQ_DRAIN + ASYNQ_EXIT
-    if mode == "worker-speaks-protocol":  # no launcher: an unreported exit waits for --settle
-        after_exit = SETTLE + CLEANUP
+    if mode == "worker-speaks-protocol":  # no launcher: an unreported exit waits for the expiry
+        after_exit = EXPIRY_AND_SETTLE + CLEANUP
         needed = worker_shutdown + after_exit + 1
     else:  # the launcher reports the exit: cleanup at once, then the sidecar stops
         after_exit = CLEANUP
@@ -612,6 +615,16 @@ def test_grace_period_covers_asynq_drain_and_the_sidecar_cleanup(mode):
     assert worker_shutdown <= budget <= grace - after_exit, (
         f"{mode}: --shutdown-budget {budget} must leave {after_exit} s of the {grace} s grace")
     assert f"terminationGracePeriodSeconds: {grace}" in (DEPLOY / mode / "deployment.yaml").read_text()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ordinary_pods_promise_unique_host_pids(mode):
+    """Each example pod runs one worker container and no hostNetwork: host and pid name one
+    process at a time, so the sidecar may take a reported exit as proof (--host-pids unique)."""
+    spec = deployment(mode)["spec"]["template"]["spec"]
+    assert not spec.get("hostNetwork")
+    (argv,) = [sidecar_argv(c) for c in containers(spec) if serves_http(c)]
+    assert flags(argv).get("host-pids") == "unique"
 
 
 def test_redis_password_comes_only_from_a_secret_file():

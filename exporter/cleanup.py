@@ -533,13 +533,28 @@ class Cleanup:
         """One look at what the departed worker left; the seconds until the next look, or None
         when there is nothing left to watch."""
         watch, w = dep.watch, dep.watch.worker
-        now = await self.redis_now(fresh=True)
+        now = await self.redis_now()  # measured at least every tick while workers are watched
         looking = now <= dep.look_until
+        # What is known first (a worker that lived a tick or two: this is the kill's fast path),
+        # then a look for what is not.
+        next_look = await self._settle_owned(dep, now)
         if looking:
             # Its registration may have appeared after the last tick, or be written again by a
             # heartbeat that raced the shutdown (asynq #979): look on for a while after the exit.
+            known = set(watch.owned)
             await self._discover(watch, since=min(w.born_at + self.clock.offset, now) - 1)
-        next_look = min(self.poll_interval, dep.look_until - now + 0.05) if looking else None
+            if set(watch.owned) != known or any(o.score is not None for o in watch.owned.values()):
+                later = await self._settle_owned(dep, now)
+                next_look = later if next_look is None else min(next_look, later or next_look)
+            wake = min(self.poll_interval, dep.look_until - now + 0.05)
+            next_look = wake if next_look is None else min(next_look, wake)
+        return next_look
+
+    async def _settle_owned(self, dep: Departure, now: float) -> float | None:
+        """Act on each registration of the departed worker by the rule; the seconds until one
+        that is not yet expired would be, or None when none waits."""
+        watch, w = dep.watch, dep.watch.worker
+        next_look: float | None = None
         for key, o in list(watch.owned.items()):
             how = Verdict.WHEN_EXPIRED if o.doubted else verdict(o.claim, done=dep.done)
             if how is Verdict.LEAVE or key in dep.noted:

@@ -353,6 +353,21 @@ async def test_the_drop_in_drains_every_busy_slot_ignores_a_second_sigterm_and_l
 # ---------------------------------------------------------------- SIGKILL and the #979 race
 
 
+async def busy_peer(env: Env, watch: LiveWatch, version: str, launcher: str, mode: str):
+    """A peer in `mode` with both of its two slots running a 60 s task; its registration watched."""
+    p = await env.peer(version, launcher, mode, concurrency=2, tasks=2, task_sleep="60s",
+                       shutdown_timeout="1s")
+    m = await p.ready()
+    watch.add(m)
+    await p.line("busy 2")
+    return p, m
+
+
+async def both_tasks_listed(env: Env, p, m: asynq.Member) -> None:
+    await eventually(lambda: env.rdb.hlen(m.sibling("workers").key) == 2, timeout=10,
+                     what=f"{p.label}: both tasks in the workers hash")
+
+
 async def killed_with_tasks_in_flight(env: Env, watch: LiveWatch, version: str, launcher: str) -> asynq.Member:
     """A worker SIGKILLed while both its slots run a task; its registration, once gone. Under the
     drop-in, every drop-in worker of the run serves the queue default with as many slots as it
@@ -362,14 +377,9 @@ async def killed_with_tasks_in_flight(env: Env, watch: LiveWatch, version: str, 
         m = p.member
         watch.add(m)
     else:
-        p = await env.peer(version, launcher, "run", concurrency=2, tasks=2, task_sleep="60s",
-                           shutdown_timeout="1s")
-        m = await p.ready()
-        watch.add(m)
-        await p.line("busy 2")
+        p, m = await busy_peer(env, watch, version, launcher, "run")
     # The sidecar counts the tasks of the workers hash, which the next beat (within 5 s) writes.
-    await eventually(lambda: env.rdb.hlen(m.sibling("workers").key) == 2, timeout=10,
-                     what=f"{p.label}: both tasks in the workers hash")
+    await both_tasks_listed(env, p, m)
     watch.drop(m)
     os.kill(m.pid, signal.SIGKILL)
     # A launcher exits with 128+9; the drop-in worker itself was killed.
@@ -381,14 +391,9 @@ async def killed_with_tasks_in_flight(env: Env, watch: LiveWatch, version: str, 
 async def race(env: Env, watch: LiveWatch, version: str, launcher: str) -> bool:
     """One #979 run, all slots busy; whether the real library leaked the registration. A leak
     must be removed by the sidecar; no leak means the worker deregistered itself."""
-    p = await env.peer(version, launcher, "race", concurrency=2, tasks=2, task_sleep="60s",
-                       shutdown_timeout="1s")
-    m = await p.ready()
-    watch.add(m)
-    await p.line("busy 2")
+    p, m = await busy_peer(env, watch, version, launcher, "race")
     # With the tasks in the workers hash, a leak's abandoned tasks are known: 2.
-    await eventually(lambda: env.rdb.hlen(m.sibling("workers").key) == 2, timeout=10,
-                     what=f"{p.label}: both tasks in the workers hash")
+    await both_tasks_listed(env, p, m)
     watch.drop(m)
     p.signal(signal.SIGTERM)
     assert await p.wait() == 0  # a clean exit 0 either way: the leak is silent

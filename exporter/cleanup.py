@@ -73,6 +73,10 @@ RANGE_PAGE = 1000
 #: Seconds to look for a registration written after the process is gone (writes in flight).
 LOOK_AFTER_EXIT = 1.0
 
+#: At start, this host's registrations that expired at most this long ago are looked for (a
+#: worker that died while the sidecar was down); older leftovers are the fleet sweep's.
+HOST_SCAN_WINDOW = 3600.0
+
 #: Redis's clock is measured again when it was last measured this long ago (seconds).
 CLOCK_RESYNC = 30.0
 
@@ -166,29 +170,37 @@ class RegistrationStore:
         # none for scrapes; the others wait their turn.
         self._slots = asyncio.Semaphore(concurrency)
 
-    async def find(self, host: str, pid: int, since: float | None) -> dict[str, float]:
-        """Every asynq:servers member of `{host:pid:*}` with a score of at least `since` (all of
-        them with None), with its score. With a score bound and a set that is mostly expired
-        entries, the members are read by score, so a backlog of leaked registrations costs
-        nothing; otherwise the set is scanned with a MATCH pattern."""
-        pattern = asynq.member_pattern("servers", host, pid)
-        if since is not None:
-            async with self._slots:
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.zcount(asynq.SERVERS, since, "+inf")
-                pipe.zcard(asynq.SERVERS)
-                window, total = await pipe.execute()
-            if window <= RANGE_READ_SHARE * total:
-                return await self._range(since, f"asynq:servers:{{{host}:{pid}:".encode())
-        found = await self._scan(pattern)
-        return found if since is None else {k: s for k, s in found.items() if s >= since}
+    async def find(self, host: str, pid: int, since: float) -> dict[str, float]:
+        """Every asynq:servers member of `{host:pid:*}` with a score of at least `since`."""
+        return await self._members(f"asynq:servers:{{{host}:{pid}:", since, "+inf")
 
-    async def _range(self, since: float, prefix: bytes) -> dict[str, float]:
+    async def host_members(self, host: str, since: float, until: float) -> dict[str, float]:
+        """Every asynq:servers member of `{host:*}` with a score from `since` to `until`."""
+        return await self._members(f"asynq:servers:{{{host}:", since, until)
+
+    async def _members(self, prefix: str, low: float, high: float | str) -> dict[str, float]:
+        """The members starting with `prefix` whose score is in [low, high], with their scores.
+        While that score range holds at most RANGE_READ_SHARE of the set, they are read by
+        score (O(log N + range)), so a backlog of long-expired entries costs nothing; otherwise
+        the set is scanned with a MATCH pattern."""
+        async with self._slots:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zcount(asynq.SERVERS, low, high)
+            pipe.zcard(asynq.SERVERS)
+            window, total = await pipe.execute()
+        if window <= RANGE_READ_SHARE * total:
+            found = await self._range(low, high, prefix.encode())
+        else:
+            found = await self._scan(asynq.glob_escape(prefix) + "*}")
+        top = float("inf") if high == "+inf" else float(high)
+        return {k: score for k, score in found.items() if low <= score <= top}
+
+    async def _range(self, low: float, high: float | str, prefix: bytes) -> dict[str, float]:
         found: dict[str, float] = {}
         start = 0
         while True:
             async with self._slots:
-                page = await self.redis.zrangebyscore(asynq.SERVERS, since, "+inf", start=start,
+                page = await self.redis.zrangebyscore(asynq.SERVERS, low, high, start=start,
                                                       num=RANGE_PAGE, withscores=True)
             for raw, score in page:
                 raw = raw if isinstance(raw, bytes) else raw.encode()
@@ -204,10 +216,6 @@ class RegistrationStore:
             async for raw, score in self.redis.zscan_iter(asynq.SERVERS, match=pattern, count=1000):
                 _add_text(found, raw, score)
             return found
-
-    async def host_members(self, host: str) -> dict[str, float]:
-        """Every asynq:servers member of `{host:*}` with its score (a scan)."""
-        return await self._scan(f"asynq:servers:{{{asynq.glob_escape(host)}:*}}")
 
     async def server_infos(self, members: list[asynq.Member]) -> list[bytes | None]:
         async with self._slots:
@@ -319,7 +327,6 @@ class Cleanup:
         self.confirm_after = CONFIRM_AFTER
         self._background = asyncio.Semaphore(BACKGROUND_CONCURRENCY)
         self._orphans: set[str] = set()  # members whose removal is queued or running
-        self._looked_for_earlier: set[tuple[str, int]] = set()
 
     # ------------------------------------------------------------ sink
 
@@ -404,7 +411,6 @@ class Cleanup:
             watch.discoveries += 1
             watch.next_discovery = now + (self.poll_interval if watch.discoveries < 10 else DISCOVERY_BACKOFF)
             await self._discover(watch, since=now)
-            self._look_for_earlier_lives(w)
         if not watch.owned:
             if not watch.warned_unregistered and time.time() - w.hello_at > UNREGISTERED_WARNING:
                 watch.warned_unregistered = True
@@ -428,7 +434,10 @@ class Cleanup:
         """Find and classify the `{host:pid:*}` members with a score of at least `since`."""
         w = watch.worker
         found = await self.store.find(w.host, w.pid, since)
-        new = [m for m in (_decode_member(k) for k in found if k not in watch.owned) if m is not None]
+        # New members, and those whose ServerInfo was not there yet when first seen (asynq's
+        # beat adds the members before it writes the ServerInfo) or has expired since.
+        new = [m for m in (_decode_member(k) for k in found
+                           if k not in watch.owned or watch.owned[k].claim is Claim.UNKNOWN) if m is not None]
         if not new:
             for key, score in found.items():
                 if key in watch.owned:
@@ -443,29 +452,14 @@ class Cleanup:
                 except asynq.UndecodableError:
                     pass
             found_claim = claim(w, m.ident, start_time, host_pids_unique=self.cfg.host_pids_unique)
-            watch.owned[m.key] = Owned(m, found_claim, found[m.key])
+            known = watch.owned.get(m.key)
+            if known is None:
+                watch.owned[m.key] = Owned(m, found_claim, found[m.key])
+            elif found_claim is not Claim.UNKNOWN:
+                known.claim = found_claim
         for key, score in found.items():
             if key in watch.owned:
                 watch.owned[key].score = score
-
-    def _look_for_earlier_lives(self, w: Worker) -> None:
-        """Once per host and pid: a full look (a scan, in the background) for expired
-        registrations of earlier lives (a restarted container), removed by the expiry rule."""
-        if (w.host, w.pid) in self._looked_for_earlier:
-            return
-        self._looked_for_earlier.add((w.host, w.pid))
-        self._spawn(self._remove_earlier_lives(w), f"earlier-lives-{w.pid}")
-
-    async def _remove_earlier_lives(self, w: Worker) -> None:
-        try:
-            async with self._background:
-                with self.health.op("look for earlier lives of a worker"):
-                    found = await self.store.find(w.host, w.pid, None)
-                    now = await self.redis_now()
-        except REDIS_FAILURES:
-            self._looked_for_earlier.discard((w.host, w.pid))  # the next discovery tries again
-            return
-        self._remove_expired_orphans(found, now)
 
     # ------------------------------------------------------------ reaper (a sink)
 
@@ -686,9 +680,10 @@ class Cleanup:
         await retry_with_backoff(confirm, on_failure=lambda e, d: self.metrics.errors.inc())
 
     async def remove_host_orphans(self) -> None:
-        """At start: expired registrations of this host (a worker that died while the sidecar
-        was down) are removed by the expiry rule. A second look once a registration left by a
-        worker that died just before the start would have expired (its TTL plus settle)."""
+        """At start: registrations of this host that expired within the last HOST_SCAN_WINDOW
+        (a worker that died while the sidecar was down) are removed by the expiry rule; older
+        ones are the sweep's. A second look once a registration left by a worker that died just
+        before the start would have expired (its TTL plus settle)."""
         await self._scan_host_once()
         await asyncio.sleep(asynq.REGISTRATION_TTL + self.cfg.settle + 1)
         await self._scan_host_once()
@@ -698,12 +693,13 @@ class Cleanup:
             return
         hostname = self.hostname
 
-        async def scan() -> tuple[dict[str, float], float]:
-            with self.health.op("scan this host's registrations"):
-                return await self.store.host_members(hostname), await self.redis_now(fresh=True)
+        async def look() -> tuple[dict[str, float], float]:
+            with self.health.op("look for this host's expired registrations"):
+                now = await self.redis_now(fresh=True)
+                return await self.store.host_members(hostname, now - HOST_SCAN_WINDOW, now - self.cfg.settle), now
 
         # Redis may be down at start: keep trying, with backoff.
-        found, now = await retry_with_backoff(scan, on_failure=lambda e, d: None, first=0.5)
+        found, now = await retry_with_backoff(look, on_failure=lambda e, d: None, first=0.5)
         self._remove_expired_orphans(found, now)
 
 

@@ -103,6 +103,11 @@ class Pod:
     offsets: list[int]  # seconds: the sidecar's clock offset, one per (re)start; 0 = none
     sidecar: Serve | None = None
     starts: int = 0
+    sweeps_before: int = 0  # sweeps its log showed when the sidecar last (re)started
+
+    def sweeps(self) -> int:
+        """Sweeps that ran to the end, as its sidecars' log (one file across restarts) shows."""
+        return self.sidecar.log().count("exporter.sweep: sweep removed") if self.sidecar else 0
 
 
 @dataclass
@@ -181,6 +186,7 @@ class FaultRun:
         self.faults.sidecars.append(sc)
         pod.sidecar = await sc.start()
         pod.starts += 1
+        pod.sweeps_before = pod.sweeps()
         self.note(f"sidecar {pod.name} up" + (f" (clock {offset:+d}s)" if offset else ""))
 
     async def restart_sidecar(self, pod: Pod, down: float) -> None:
@@ -372,9 +378,12 @@ class FaultRun:
         for action, gap, params in plan:
             await asyncio.sleep(gap)  # the schedule's spacing between faults
             await self.execute(action, params)
-        # Every sidecar (the last one restarted too) sweeps once more while the last workers
+        # Every sidecar (the one restarted last too) sweeps once more while the last workers
         # live: what the last fault did to live registrations shows.
-        await asyncio.sleep(SWEEP + SLACK)
+        pods = (self.pod_a, self.pod_b)
+        after = {p.name: max(p.sweeps(), p.sweeps_before) for p in pods}
+        await eventually(lambda: all(p.sweeps() > after[p.name] for p in pods), timeout=15,
+                         what="a sweep by each sidecar after the last fault")
         for run, how in zip(self.alive(), final):
             await self.end_worker(run, how)
         await asyncio.gather(*self.deaths)

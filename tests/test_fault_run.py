@@ -433,14 +433,14 @@ async def test_randomized_faults_remove_no_live_registration_and_leave_no_dead_o
     missing = [t for t in tracked if t.missing]
     left = [t for t in tracked if t.left]
     overdue = [t for t in tracked if t.overdue and not t.missing]
-    late = [t.gone_at - t.last_score for t in tracked
-            if t.gone_at is not None and t.last_score is not None and t.gone_at > t.last_score]
+    late = max(((t.gone_at - t.last_score, t.label) for t in tracked
+                if t.gone_at is not None and t.last_score is not None), default=(0.0, "none"))
     margin = min((t.least_margin for t in tracked if t.least_margin is not None), default=0)
     print(*run.log, sep="\n")
     print(f"{SEED_VARIABLE}={seed}: {len(tracked)} workers, {run.monitor.reads} reads, {elapsed:.1f}s; "
           f"live registrations ever missing: {len(missing)}; dead registrations left: {len(left)}; "
           f"least margin of a live registration {margin:.2f}s; owners late past their TTL (not "
-          f"counted): {len(overdue)}; latest removal {max(late, default=0):.2f}s after expiry")
+          f"counted): {len(overdue)}; latest removal {late[0]:.2f}s after expiry ({late[1]})")
     problems = []
     for t in missing:
         (first, seen), (last, _) = t.missing[0], t.missing[-1]

@@ -60,16 +60,16 @@ from tests.lifecycle_helpers import HOST, Worker, processes
 
 SEED_VARIABLE = "FAULT_RUN_SEED"
 
-HEARTBEAT = 0.5
-TTL = 3
-MARGIN = TTL - 1 - HEARTBEAT  # 1.5 s
-SETTLE = 1.0
-GRACE = SETTLE
-SWEEP = 2.0
-SLACK = 1.0
-STALL_MAX = 1.0
-PAUSE_MAX = 0.8
-DRAIN = 0.2
+HEARTBEAT = 0.5  # seconds between a worker's beats (asynq: 5)
+TTL = 3  # seconds: a beat's score is now + TTL (asynq: 10)
+MARGIN = TTL - 1 - HEARTBEAT  # 1.5 s: how far ahead of Redis's clock a beating worker's score always is
+SETTLE = 1.0  # the sidecars' --settle
+GRACE = SETTLE  # the sidecars' --grace
+SWEEP = 2.0  # the sidecars' --sweep-interval
+SLACK = 1.0  # a sweep's own time and the event loop's lateness on a loaded 2-core machine
+STALL_MAX = 1.0  # the longest SIGSTOP
+PAUSE_MAX = 0.8  # the longest CLIENT PAUSE
+DRAIN = 0.2  # a worker's drain after SIGTERM
 assert STALL_MAX < MARGIN and PAUSE_MAX < MARGIN
 
 #: Pod B's host name (pod A is HOST); pod B's sidecar runs on a shifted clock.
@@ -164,7 +164,7 @@ class FaultRun:
         if t.dead_at is None or t.last_score is None:
             return None
         due = t.last_score + max(SETTLE, GRACE)
-        for start, end in sorted(self.outages):
+        for start, end in sorted(self.outages, key=lambda outage: outage[0]):
             if start <= due + SWEEP + SLACK:
                 if end is None:
                     return None

@@ -289,3 +289,137 @@ async def start_worker(processes, faults: Faults, redis_url: str, *emulator_args
         rdb.close()
     w.child_pid = m.pid
     return w, m.pid, m
+
+
+# ---------------------------------------------------------------- many registrations, watched
+
+
+def process_alive(pid: int) -> bool:
+    """The process runs (or is stopped): it exists and is not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+@dataclass
+class Tracked:
+    """A registration a Monitor follows, known by its server id (unique per worker), through its
+    owner's life: `awaited` (not seen whole yet), `live` (must never be missing), `ending` (its
+    owner was told to stop or killed: no longer required), `dead` (its owner is gone: it must
+    be removed by its deadline)."""
+
+    server_id: str
+    label: str
+    member: str | None = None  # asynq:servers:{host:pid:id}, once seen
+    state: str = "awaited"
+    last_score: float | None = None  # the latest expiry score seen in asynq:servers
+    dead_at: float | None = None  # time.time() when its owner was found dead
+    whole_at: float | None = None  # time.time() of the last read that saw it whole
+    least_margin: float | None = None  # while live: the least (score - now) seen, in seconds
+    missing: list[tuple[float, tuple]] = field(default_factory=list)  # while live
+    # Missing while live, but only after its owner was already late past its TTL (the last read
+    # that saw it whole was past its expiry score: asynq itself calls it dead): a starved owner.
+    overdue: list[tuple[float, tuple]] = field(default_factory=list)
+    left: tuple[float, float] | None = None  # (time seen, deadline) when present past its deadline
+    gone_at: float | None = None  # time.time() when first seen gone once dead
+
+    @property
+    def workers_member(self) -> str:
+        assert self.member is not None
+        return "asynq:workers:" + self.member[len("asynq:servers:"):]
+
+
+class Monitor:
+    """A thread that reads every tracked registration every few milliseconds, as the Sentry does
+    for one: a live registration missing at any read is recorded (even if its owner's next beat
+    writes it back), and so is a dead one still present after `deadline(tracked)`. Reads that
+    fail (Redis down, loading) see nothing."""
+
+    def __init__(self, redis_url: str, deadline, interval: float = 0.005) -> None:
+        self.redis_url = redis_url
+        self.deadline = deadline  # Tracked -> time.time() by which it must be gone, or None (not yet known)
+        self.interval = interval
+        self.tracked: list[Tracked] = []
+        self.reads = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="monitor", daemon=True)
+
+    def track(self, server_id: str, label: str) -> Tracked:
+        t = Tracked(server_id, label)
+        with self._lock:
+            self.tracked.append(t)
+        return t
+
+    def start(self) -> Monitor:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(2)
+
+    def _watch(self) -> None:
+        client = redis_sync.Redis.from_url(self.redis_url, socket_timeout=0.2, socket_connect_timeout=0.2)
+        while not self._stop.is_set():
+            try:
+                self._read(client)
+                self.reads += 1
+            except (redis_sync.RedisError, OSError):
+                pass  # Redis down, paused for reads or loading: nothing to see
+            self._stop.wait(self.interval)
+        client.close()
+
+    def _read(self, client: redis_sync.Redis) -> None:
+        pipe = client.pipeline(transaction=False)
+        pipe.zrange(asynq.SERVERS, 0, -1, withscores=True)
+        pipe.zrange(asynq.WORKERS, 0, -1, withscores=True)
+        raw_servers, raw_workers = pipe.execute()
+        servers = {k.decode(): s for k, s in raw_servers}
+        workers = {k.decode(): s for k, s in raw_workers}
+        with self._lock:
+            tracked = list(self.tracked)
+        for t in tracked:
+            if t.member is None:
+                t.member = next((k for k in servers if k.endswith(f":{t.server_id}}}")), None)
+        known = [t for t in tracked if t.member is not None and t.state in ("awaited", "live")]
+        pipe = client.pipeline(transaction=False)
+        for t in known:
+            pipe.exists(t.member, t.workers_member)
+        counts = pipe.execute()
+        now = time.time()
+        for t in tracked:
+            if t.member is None:
+                continue
+            score = servers.get(t.member)
+            if score is not None and (t.last_score is None or score > t.last_score):
+                t.last_score = score
+        for t, keys in zip(known, counts):
+            seen = (servers.get(t.member), workers.get(t.workers_member), keys)
+            whole = seen[0] is not None and seen[1] is not None and keys == 2
+            if t.state == "awaited" and whole:
+                t.state = "live"
+            if t.state != "live":
+                continue
+            if whole:
+                margin = seen[0] - now
+                t.least_margin = margin if t.least_margin is None else min(t.least_margin, margin)
+                t.whole_at = now
+            elif t.whole_at is not None and t.last_score is not None and t.whole_at > t.last_score:
+                t.overdue.append((now, seen))
+            else:
+                t.missing.append((now, seen))
+        for t in tracked:
+            if t.state != "dead" or t.member is None or t.left is not None:
+                continue
+            present = t.member in servers or t.workers_member in workers
+            if not present:
+                if t.gone_at is None:
+                    t.gone_at = now
+                continue
+            due = self.deadline(t)
+            if due is not None and now > due:
+                t.left = (now, due)

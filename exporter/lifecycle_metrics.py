@@ -76,6 +76,10 @@ class LifecycleMetrics:
                                        registry=registry)
         for reason in REASONS:
             self.protocol_errors.labels(reason)
+        self.socket_recreated_total = Counter(
+            "asynq_sidecar_socket_recreated_total",
+            "Times the lifecycle socket file was found deleted or replaced and was bound again.",
+            registry=registry)
 
     # ------------------------------------------------------------ Sink
 
@@ -102,6 +106,9 @@ class LifecycleMetrics:
 
     def protocol_error(self, reason: str) -> None:
         self.protocol_errors.labels(reason).inc()
+
+    def socket_recreated(self) -> None:
+        self.socket_recreated_total.inc()
 
 
 def _who(w: Worker) -> str:

@@ -1,7 +1,7 @@
 """The lifecycle sinks: the contract metrics of issue 3, and one log line per lifecycle edge.
 
-`LifecycleMetrics` also receives the socket server's counts (connections, rejected input), so
-every lifecycle metric lives in one place, on the sidecar's injected registry.
+`LifecycleMetrics` also receives the socket server's counts (connections, rejected input, socket
+file recreations), so every lifecycle metric lives in one place, on the sidecar's injected registry.
 """
 
 from __future__ import annotations

@@ -297,7 +297,7 @@ class LifecycleSocket:
             self._stats.socket_recreated()
             since = self._not_listening_since
             self._not_listening_since = None
-            after = f" after {loop.time() - since:.0f}s without" if since is not None else ""
+            after = f" after {loop.time() - since:.0f}s" if since is not None else ""
             log.warning("lifecycle socket %s recreated%s: its file was deleted or replaced "
                         "(connections open before go on)", self.cfg.path, after,
                         extra={"socket": self.cfg.path})

@@ -261,7 +261,9 @@ OPTIONS: dict[str, Option] = {
         Option("socket-mode", file_mode, 0o660,
                "File mode of the lifecycle socket (octal).", "MODE"),
         Option("max-connections", positive_int, 64,
-               "Most lifecycle connections open at once; more are refused.", "N"),
+               "Most lifecycle connections read at once; more wait up to --hello-timeout for a "
+               "slot, which quiet connections not proven to be asynq workers give up "
+               "(docs/protocol.md).", "N"),
         Option("hello-timeout", positive_seconds, 10.0,
                "Close a lifecycle connection that sends no hello within this many seconds.", "SECONDS"),
         Option("socket-allow-uid", uid_list, None,

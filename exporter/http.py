@@ -1,4 +1,5 @@
-"""The HTTP endpoints: `/` (links), `/metrics`, `/healthz` (process works), `/readyz` (Redis reachable)."""
+"""The HTTP endpoints: `/` (links), `/metrics`, `/healthz` (process works), `/readyz` (the lifecycle
+socket listens and Redis is reachable)."""
 
 from __future__ import annotations
 
@@ -19,17 +20,19 @@ LANDING = """<!doctype html>
 <ul>
 <li><a href="metrics">/metrics</a>: Prometheus metrics (OpenMetrics when asked)</li>
 <li><a href="healthz">/healthz</a>: the process works</li>
-<li><a href="readyz">/readyz</a>: Redis is reachable</li>
+<li><a href="readyz">/readyz</a>: the lifecycle socket listens and Redis is reachable</li>
 </ul></body></html>
 """
 
 
 def build_app(registry: CollectorRegistry, *, before_scrape: Callable[[], Awaitable[None]],
               redis_ready: Callable[[], Awaitable[bool]],
+              socket_listening: Callable[[], bool] = lambda: True,
               middlewares: Sequence[Any] = ()) -> web.Application:
     """`before_scrape` refreshes what a scrape must show fresh (O(1) Redis reads);
-    `redis_ready` answers whether Redis can be reached now; `middlewares` (from
-    --web-config-file) wrap every path."""
+    `redis_ready` answers whether Redis can be reached now; `socket_listening` whether workers
+    can connect to the lifecycle socket now; `middlewares` (from --web-config-file) wrap every
+    path."""
 
     async def index(request: web.Request) -> web.Response:
         return web.Response(text=LANDING.format(version=__version__), content_type="text/html")
@@ -44,6 +47,8 @@ def build_app(registry: CollectorRegistry, *, before_scrape: Callable[[], Awaita
         return web.Response(text="ok\n")
 
     async def readyz(request: web.Request) -> web.Response:
+        if not socket_listening():
+            return web.Response(status=503, text="not ready: the lifecycle socket is not listening\n")
         try:
             ok = await redis_ready()
         except asyncio.CancelledError:

@@ -1,7 +1,7 @@
 """The lifecycle sinks: the contract metrics of issue 3, and one log line per lifecycle edge.
 
-`LifecycleMetrics` also receives the socket server's counts (connections, rejected input), so
-every lifecycle metric lives in one place, on the sidecar's injected registry.
+`LifecycleMetrics` also receives the socket server's counts (connections, rejected input, socket
+file recreations), so every lifecycle metric lives in one place, on the sidecar's injected registry.
 """
 
 from __future__ import annotations
@@ -76,6 +76,10 @@ class LifecycleMetrics:
                                        registry=registry)
         for reason in REASONS:
             self.protocol_errors.labels(reason)
+        self.socket_recreated_total = Counter(
+            "asynq_sidecar_socket_recreated_total",
+            "Times the lifecycle socket file was found deleted or replaced and was bound again.",
+            registry=registry)
 
     # ------------------------------------------------------------ Sink
 
@@ -102,6 +106,9 @@ class LifecycleMetrics:
 
     def protocol_error(self, reason: str) -> None:
         self.protocol_errors.labels(reason).inc()
+
+    def socket_recreated(self) -> None:
+        self.socket_recreated_total.inc()
 
 
 def _who(w: Worker) -> str:

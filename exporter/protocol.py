@@ -20,7 +20,7 @@ VERSION = 1
 MAX_LINE = 64 * 1024
 
 #: Why input was rejected (the `reason` label of asynq_sidecar_protocol_errors_total).
-#: Parsing yields the first six; the socket server the next five; the tracker `out_of_order`.
+#: Parsing yields the first six; the socket server the next six; the tracker `out_of_order`.
 REASONS = (
     "not_json",              # not a JSON object (or NaN/Infinity, or nested too deeply)
     "binary",                # not UTF-8
@@ -30,7 +30,8 @@ REASONS = (
     "oversized",             # a line longer than MAX_LINE (the connection is closed)
     "hello_timeout",         # no hello within --hello-timeout (the connection is closed)
     "line_timeout",          # a line begun but not ended in time (the connection is closed)
-    "too_many_connections",  # over --max-connections (the connection is refused)
+    "too_many_connections",  # no slot of --max-connections freed in time (the connection is refused)
+    "evicted",               # an unproven connection closed to make room for a waiting one
     "too_many_messages",     # more lines than any worker's life needs (the connection is closed)
     "peer_not_allowed",      # a peer uid not in --socket-allow-uid (the connection is refused)
     "out_of_order",          # an event that is not legal in the worker's state

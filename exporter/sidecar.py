@@ -22,7 +22,7 @@ from exporter.config import ServeConfig
 from exporter.health import REDIS_FAILURES, RedisHealth
 from exporter.cleanup import Cleanup
 from exporter.http import build_app
-from exporter.lifecycle import Decision, Event, Tracker, WorkerForgotten
+from exporter.lifecycle import Decision, Event, State, Tracker, WorkerForgotten
 from exporter.lifecycle_metrics import LifecycleLog, LifecycleMetrics
 from exporter.lifesocket import LifecycleSocket
 from exporter.metrics import RegistryCollector, new_registry
@@ -215,10 +215,12 @@ class Sidecar:
         self.lifecycle_metrics = LifecycleMetrics(self.registry, self.tracker, cfg.shutdown_budget)
         self.sinks += [self.lifecycle_metrics, LifecycleLog(cfg.shutdown_budget)]
         self.lifesocket = await self._stack.enter_async_context(LifecycleSocket(
-            cfg.socket, submit=self.submit, new_conn_id=self.new_conn_id, stats=self.lifecycle_metrics))
+            cfg.socket, submit=self.submit, new_conn_id=self.new_conn_id, stats=self.lifecycle_metrics,
+            proven=self._proven))
 
         web_cfg = cfg.web  # --web-config-file: TLS and basic auth, or None
         app = build_app(self.registry, before_scrape=self._before_scrape, redis_ready=self._redis_ready,
+                        socket_listening=lambda: self.lifesocket.listening,
                         middlewares=web_cfg.middlewares(self.registry) if web_cfg is not None else ())
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                shutdown_timeout=1.0)
@@ -233,6 +235,13 @@ class Sidecar:
                  self.http_url, cfg.redis.display_url, cfg.hostname)
         if web_cfg is not None:
             log.info("web config %s", web_cfg.describe())
+
+    def _proven(self, conn: int) -> bool:
+        """Whether a live worker on this connection has shown it is an asynq worker: its
+        registration was seen in Redis, or it named its server id. The lifecycle socket never
+        evicts such a connection to make room for another."""
+        w = self.tracker.workers.get(conn)
+        return w is not None and w.state is not State.EXITED and bool(w.members or w.server_ids)
 
     async def _redis_ready(self) -> bool:
         try:

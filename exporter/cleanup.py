@@ -170,6 +170,10 @@ class RegistrationStore:
         # none for scrapes; the others wait their turn.
         self._slots = asyncio.Semaphore(concurrency)
 
+    def slot(self) -> asyncio.Semaphore:
+        """One of the store's places in the connection pool, for an operation of a caller's own."""
+        return self._slots
+
     async def find(self, host: str, pid: int, since: float) -> dict[str, float]:
         """Every asynq:servers member of `{host:pid:*}` with a score of at least `since`."""
         return await self._members(f"asynq:servers:{{{host}:{pid}:", since, "+inf")
@@ -317,6 +321,7 @@ class Cleanup:
         self.hostname = hostname
         self.clock = clock or RedisClock()
         self._synced_at = -CLOCK_RESYNC
+        self._syncing: asyncio.Future[None] | None = None
         self.watches: dict[int, Watch] = {}
         self._departures: dict[int, Departure] = {}  # by conn: departed workers still watched
         self._busy: set[asyncio.Task[Any]] = set()  # exit cleanups not yet settled
@@ -375,12 +380,23 @@ class Cleanup:
     # ------------------------------------------------------------ Redis's clock
 
     async def redis_now(self, *, fresh: bool = False) -> float:
-        """Redis's time: measured now when `fresh` or when the last measure is old."""
+        """Redis's time: measured now when `fresh` or when the last measure is old. Concurrent
+        callers (hundreds of exits at once) share one TIME round trip."""
         if fresh or time.monotonic() - self._synced_at > CLOCK_RESYNC:
-            now = await self.clock.sync(self.redis)
-            self._synced_at = time.monotonic()
-            return now
+            if self._syncing is None:
+                self._syncing = self._spawn(self._sync(), "redis-clock-sync")
+            syncing = self._syncing
+            try:
+                await asyncio.shield(syncing)
+            finally:
+                if self._syncing is syncing and syncing.done():
+                    self._syncing = None
         return self.clock.now()
+
+    async def _sync(self) -> None:
+        async with self.store.slot():
+            await self.clock.sync(self.redis)
+        self._synced_at = time.monotonic()
 
     # ------------------------------------------------------------ observer (a source)
 

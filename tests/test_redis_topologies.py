@@ -44,7 +44,7 @@ HOST = socket.gethostname()
 #: +cluster|slots). Every test below that logs in as a user gives it exactly these rules.
 SIDECAR_ACL = ("on", "resetkeys", "~asynq:servers*", "~asynq:workers*", "~asynq:schedulers*",
                "~asynq-sidecar:*", "resetchannels", "-@all", "+@read", "+@write", "+@scripting",
-               "+@connection", "-@dangerous")
+               "+@connection", "+time", "-@dangerous")
 USER = "asynq-sidecar"
 
 
@@ -113,7 +113,7 @@ async def exercise(redis_cfg: RedisConfig, client, make_config, *, fleet: int = 
         assert gone(client, emulator.server_member)
 
         swept = await Sweeper(redis, RedisHealth(redis_cfg.display_url), grace=60).sweep_once()
-        assert [r.member for r in swept.sets["servers"].removed] == [leaked.key]
+        assert [r.member for r in swept.sets["servers"].members] == [leaked.key]
         assert gone(client, leaked)
         assert all(client.zscore(asynq.SERVERS, m.key) is not None for m in live)
     finally:

@@ -1,9 +1,10 @@
 """exporter.pbwire reads ServerInfo exactly as the protobuf runtime does: on messages protobuf
 writes, on hand-made edge cases of the wire format, and on random bytes (both refuse, or both
-give the same fields)."""
+give the same fields); and serve imports neither protobuf nor --web-config-file's libraries."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -28,10 +29,17 @@ def by_protobuf(data: bytes) -> pbwire.ServerInfoFields | None:
 
 
 def by_pbwire(data: bytes) -> pbwire.ServerInfoFields | None:
+    """pbwire's reading; its fast reader of the three fields the watcher needs must agree."""
     try:
-        return pbwire.server_info(data)
+        fields = pbwire.server_info(data)
     except pbwire.WireError:
-        return None
+        fields = None
+    try:
+        load = pbwire.server_load(data)
+    except pbwire.WireError:
+        load = None
+    assert load == (None if fields is None else (fields.status, fields.concurrency, fields.active_worker_count))
+    return fields
 
 
 int32 = st.integers(-(2**31), 2**31 - 1)
@@ -117,3 +125,20 @@ def test_serve_imports_no_protobuf_yaml_bcrypt():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'google', 'yaml', 'bcrypt'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_command_is_imported_without_the_system_cas_and_the_environment_is_restored(monkeypatch):
+    """cli imports a command's module (and so aiohttp) with OpenSSL's default CA paths pointed at
+    nothing, then puts the environment back as it was, set or not."""
+    from exporter import cli
+
+    monkeypatch.setenv("SSL_CERT_FILE", "/etc/custom-ca.pem")
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    with cli._no_system_cas():
+        import ssl
+
+        assert ssl.create_default_context().cert_store_stats()["x509_ca"] == 0
+    assert os.environ["SSL_CERT_FILE"] == "/etc/custom-ca.pem" and "SSL_CERT_DIR" not in os.environ
+    code = ("import ssl, exporter.cli as c; c.main(['emulate', '--help'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--heartbeat" in proc.stdout

@@ -445,35 +445,39 @@ class Sweeper:
         lists them, one command per key, pipelined, to learn which existed."""
         if not self.list_members:
             with self._health.op("sweep per-server keys"):
-                result.keys_deleted += await self._unlink(keys)
+                replies = await self._packed([(b"UNLINK", *keys)])
+                result.keys_deleted += replies[0] if replies is not None else await self._redis.unlink(*keys)
             return
-        pipe = self._redis.pipeline(transaction=False)
-        for key in keys:
-            pipe.unlink(key)
         with self._health.op("sweep per-server keys"):
-            replies = await pipe.execute()
+            replies = await self._packed([(b"UNLINK", key) for key in keys])
+            if replies is None:
+                pipe = self._redis.pipeline(transaction=False)
+                for key in keys:
+                    pipe.unlink(key)
+                replies = await pipe.execute()
         existed = [_text(k) for k, n in zip(keys, replies, strict=True) if n]
         result.keys_deleted += len(existed)
         result.deleted_keys.extend(existed)
 
-    async def _unlink(self, keys: Sequence[bytes]) -> int:
-        """UNLINK `keys`, packed by hiredis: redis-py's asyncio client packs a command's
-        arguments in Python (its synchronous client uses hiredis), which for a batch of 500 keys
-        costs this process more time than Redis spends on the command. A Cluster client, or
-        one without a connection pool, sends it as usual (split by slot)."""
+    async def _packed(self, commands: Sequence[tuple[bytes, ...]]) -> list[Any] | None:
+        """Send `commands` packed by hiredis in one write on a pooled connection and read their
+        replies; None when this client cannot (a Cluster client, or no hiredis): the caller
+        sends them the usual way. redis-py's asyncio client packs each argument in Python (its
+        synchronous client uses hiredis), which for a batch of 500 keys costs this process more
+        time than Redis spends on the commands."""
         pool = getattr(self._redis, "connection_pool", None)
         if _pack_command is None or pool is None:
-            return await self._redis.unlink(*keys)
+            return None
         try:
             acquire = pool.get_connection()
-        except TypeError:  # redis-py before 5.3 wants the command's name
-            acquire = pool.get_connection("UNLINK")
+        except TypeError:  # redis-py before 5.3 wants a command's name
+            acquire = pool.get_connection(commands[0][0].decode())
         conn = await acquire
         try:
-            await conn.send_packed_command(_pack_command((b"UNLINK", *keys)))
-            return await conn.read_response()
+            await conn.send_packed_command(b"".join([_pack_command(c) for c in commands]))
+            return [await conn.read_response() for _ in commands]
         except BaseException:
-            await conn.disconnect(nowait=True)  # the reply may still be on its way: not reusable
+            await conn.disconnect(nowait=True)  # replies may still be on their way: not reusable
             raise
         finally:
             await pool.release(conn)

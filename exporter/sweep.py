@@ -452,8 +452,8 @@ class Sweeper:
             replies = await self._packed([(b"UNLINK", key) for key in keys])
             if replies is None:
                 pipe = self._redis.pipeline(transaction=False)
-                for key in keys:
-                    pipe.unlink(key)
+                for key in keys:  # (a Cluster pipeline's unlink() is a coroutine: the generic form)
+                    pipe.execute_command("UNLINK", key)
                 replies = await pipe.execute()
         existed = [_text(k) for k, n in zip(keys, replies, strict=True) if n]
         result.keys_deleted += len(existed)

@@ -20,11 +20,14 @@ import redis as redis_sync
 import redis.asyncio as redis_async
 
 from exporter import asynq
+from exporter.config import RedisConfig
 from exporter.health import RedisHealth
 from exporter.redis_server import RedisServer, free_port
+from exporter.redisconn import connect
 from exporter.sweep import LIST_AT_MOST, LOCK_KEY, SweepFailed, Sweeper, _not_own, _own_key
 from tests.conftest import require_tool
 from tests.helpers import faketime_prefix, redis_now, register_server, wait_until
+from tests.redis_topologies import ClusterSetup
 
 ROOT = Path(__file__).resolve().parents[1]
 GRACE = 60.0
@@ -472,6 +475,41 @@ def test_thousands_in_batches_with_no_command_over_10ms():
             assert client.dbsize() == 1  # asynq:servers with the 100 live members
         finally:
             client.close()
+
+
+def test_a_redis_cluster_sweep_removes_members_and_keys_across_slots():
+    """On a Cluster the sets and the per-server keys are on different nodes: every command the
+    sweep sends must stay within one slot (CROSSSLOT otherwise), counting and listing alike."""
+    setup = ClusterSetup(require_tool("redis-cli")).start()
+    client = setup.client()
+    try:
+        with redis_sync.Redis(port=setup.nodes[0].port) as node:
+            now = redis_now(node)
+        live = [add_server(client, "live", i, f"live-{i}", now + 10, tasks=1) for i in range(3)]
+
+        async def sweep(list_members: bool):
+            redis = connect(RedisConfig(url=setup.url, timeout=2.0, cluster=True))
+            try:
+                return await Sweeper(redis, RedisHealth(setup.url), grace=GRACE, batch=7,
+                                     list_members=list_members).sweep_once()
+            finally:
+                await redis.aclose()
+
+        for list_members in (False, True):
+            dead = [add_server(client, f"dead-{list_members}", i, f"id-{i}", now - 3600, tasks=1)
+                    for i in range(20)]
+            keys = {k for m in dead for k in (m.key, m.sibling("workers").key)}
+            report = asyncio.run(sweep(list_members))
+            assert report.complete and report.sets["servers"].removed == report.sets["workers"].removed == 20
+            assert report.keys_deleted == 40
+            if list_members:
+                assert deleted_keys(report) == keys
+            assert not any(client.exists(k) for k in keys)
+            assert all(client.zscore(asynq.SERVERS, m.key) is None for m in dead)
+        assert all(client.zscore(asynq.SERVERS, m.key) is not None and client.exists(m.key) for m in live)
+    finally:
+        client.close()
+        setup.close()
 
 
 # ---------------------------------------------------------------- the command

@@ -588,6 +588,51 @@ def print_report(report: SweepReport, out: TextIO) -> None:
         out.write("The sweep stopped early: its lock expired or was taken by another sweeper.\n")
 
 
+def json_document(doc: dict[str, Any]) -> str:
+    """`json.dumps(doc, indent=2, sort_keys=True)`, character for character, made fast for the
+    long lists (every member and key of a large sweep): Python's JSON encoder is pure Python when
+    it indents (about 10 s for 200,000 members), so those lists are written here with the C
+    string encoder, and the rest of the document by json.dumps around placeholders."""
+    lists: dict[str, str] = {}
+    sets = {}
+    for name, s in doc.get("sets", {}).items():
+        s = dict(s)
+        for field_name, render in (("members", _json_members), ("deleted_keys", _json_strings)):
+            if s.get(field_name):
+                placeholder = f"\0{len(lists)}\0"
+                lists[json.dumps(placeholder)] = render(s[field_name])
+                s[field_name] = placeholder
+        sets[name] = s
+    text = json.dumps({**doc, "sets": sets} if "sets" in doc else doc, indent=2, sort_keys=True)
+    pieces, at = [], 0
+    for where, placeholder in sorted((text.index(p), p) for p in lists):
+        pieces += [text[at:where], lists[placeholder]]
+        at = where + len(placeholder)
+    return "".join([*pieces, text[at:]])
+
+
+# The lists sit at depth 3 (document, "sets", the set): items indented by 8, their fields by 10.
+_ITEM, _FIELD, _CLOSE = " " * 8, " " * 10, " " * 6
+_encode_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+
+
+def _json_members(members: list[dict[str, Any]]) -> str:
+    items = [f'{_ITEM}{{\n{_FIELD}"member": {_encode_string(m["member"])},\n'
+             f'{_FIELD}"score": {_json_float(m["score"])},\n'
+             f'{_FIELD}"undecodable": {"true" if m["undecodable"] else "false"}\n{_ITEM}}}'
+             for m in members]
+    return "[\n" + ",\n".join(items) + "\n" + _CLOSE + "]"
+
+
+def _json_float(value: float) -> str:
+    """As json writes a float: repr, or Infinity / -Infinity / NaN (a score may be +-inf)."""
+    return float.__repr__(value) if value - value == 0 else json.dumps(value)
+
+
+def _json_strings(strings: list[str]) -> str:
+    return "[\n" + ",\n".join(_ITEM + _encode_string(k) for k in strings) + "\n" + _CLOSE + "]"
+
+
 # ---------------------------------------------------------------- command
 
 
@@ -604,8 +649,7 @@ def run(values: dict[str, Any], args: argparse.Namespace) -> int:
         sys.stderr.write(f"asynq-sidecar sweep: Redis at {redis_cfg.display_url} failed{done}: "
                          f"{report.error}\n")
     if values["json"]:
-        json.dump(report.to_json(), sys.stdout, indent=2, sort_keys=True)
-        sys.stdout.write("\n")
+        sys.stdout.write(json_document(report.to_json()) + "\n")
     elif not report.error or report.removed:
         print_report(report, sys.stdout)
     return report.exit_code()

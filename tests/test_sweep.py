@@ -24,7 +24,10 @@ from exporter.config import RedisConfig
 from exporter.health import RedisHealth
 from exporter.redis_server import RedisServer, free_port
 from exporter.redisconn import connect
-from exporter.sweep import LIST_AT_MOST, LOCK_KEY, SweepFailed, Sweeper, _not_own, _own_key
+from exporter.sweep import (
+    LIST_AT_MOST, LOCK_KEY, Removed, SetSweep, SweepFailed, Sweeper, SweepReport, _not_own, _own_key,
+    json_document,
+)
 from tests.conftest import require_tool
 from tests.helpers import faketime_prefix, redis_now, register_server, wait_until
 from tests.redis_topologies import ClusterSetup
@@ -530,6 +533,22 @@ def test_cli_json_is_one_document_and_exit_0(rdb, redis_url):
     assert [m["member"] for m in doc["sets"]["workers"]["members"]] == [dead.sibling("workers").key]
     assert doc["grace"] == 60.0
     assert rdb.zrange(asynq.SERVERS, 0, -1) == [live.key.encode()]
+
+
+def test_the_json_document_is_what_json_dumps_writes():
+    """--json is written by json_document (fast for long lists): the same text as json.dumps."""
+    sets = {name: SetSweep(name, key) for name, key in asynq.SETS.items()}
+    sets["servers"].members = [Removed(m, score, bad) for m, score, bad in [
+        ('a"b\\c\n\x01é中\ud800', 1.5, True), ("x", 1e20, False), ("y", -3.0, False),
+        ("z", float("-inf"), False), ("n", float("nan"), False), ("i", float("inf"), True)]]
+    sets["servers"].deleted_keys = ['k"1', "ключ"]
+    sets["schedulers"].deleted_keys = ["s"]
+    sets["workers"].members = [Removed("w", 1700000000.0, False)]
+    for report in (SweepReport("redis://x", 1.0, 60.0, -59.0, False, sets),
+                   SweepReport("redis://x", 1.0, 60.0, -59.0, True, {n: SetSweep(n, k) for n, k in asynq.SETS.items()},
+                               error="ConnectionError: down")):
+        doc = report.to_json()
+        assert json_document(doc) == json.dumps(doc, indent=2, sort_keys=True)
 
 
 def test_cli_human_output_lists_a_few_members(rdb, redis_url):

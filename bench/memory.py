@@ -21,7 +21,7 @@ from bench.core import (
 from exporter import asynq
 from exporter.redis_server import free_port
 
-RSS_TARGET_MIB = 50.0
+RSS_TARGET_MIB = 47.0
 GROWTH_TARGET_MIB = 2.0
 
 

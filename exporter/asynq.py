@@ -2,6 +2,10 @@
 
 The facts come from hibiken/asynq v0.26.0 (internal/base/base.go, internal/rdb/rdb.go,
 heartbeat.go); docs/asynq-registration.md repeats them with sources.
+
+ServerInfo, the one message `serve` reads, is decoded by exporter.pbwire without the protobuf
+runtime (about 3 MiB per sidecar); the other messages, and every encoder (the emulator, tests),
+import the runtime when first used.
 """
 
 from __future__ import annotations
@@ -10,9 +14,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from google.protobuf.message import DecodeError
+from typing import TYPE_CHECKING
 
-from exporter import asynqpb
+from exporter import pbwire
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 SERVERS = "asynq:servers"
 WORKERS = "asynq:workers"
@@ -144,38 +151,65 @@ class SchedulerEntry:
     prev_enqueue_time: float | None
 
 
+def _pb() -> ModuleType:
+    """exporter.asynqpb, the protobuf runtime's messages: imported on first use."""
+    from exporter import asynqpb
+
+    return asynqpb
+
+
 def _parse(cls, data: bytes):
+    from google.protobuf.message import DecodeError
+
     try:
         return cls.FromString(data)
     except (DecodeError, TypeError, ValueError) as e:  # TypeError: not bytes at all
         raise UndecodableError(f"cannot decode {cls.DESCRIPTOR.name}: {e}") from None
 
 
+def _server_info_fields(data: bytes) -> pbwire.ServerInfoFields:
+    try:
+        return pbwire.server_info(data)
+    except pbwire.WireError as e:
+        raise UndecodableError(f"cannot decode ServerInfo: {e}") from None
+
+
+def _wire_timestamp(ts: tuple[int, int] | None) -> float | None:
+    if ts is None:
+        return None
+    seconds, nanos = ts
+    if (seconds == 0 and nanos == 0) or seconds <= GO_ZERO_TIME_SECONDS:
+        return None
+    return seconds + nanos / 1e9
+
+
 def decode_server_info(data: bytes) -> ServerInfo:
-    msg = _parse(asynqpb.ServerInfo, data)
+    f = _server_info_fields(data)
     return ServerInfo(
-        host=msg.host,
-        pid=msg.pid,
-        server_id=msg.server_id,
-        concurrency=msg.concurrency,
-        queues=dict(msg.queues),
-        strict_priority=msg.strict_priority,
-        status=msg.status,
-        start_time=_timestamp(msg.start_time) if msg.HasField("start_time") else None,
-        active_worker_count=msg.active_worker_count,
+        host=f.host,
+        pid=f.pid,
+        server_id=f.server_id,
+        concurrency=f.concurrency,
+        queues=f.queues,
+        strict_priority=f.strict_priority,
+        status=f.status,
+        start_time=_wire_timestamp(f.start_time),
+        active_worker_count=f.active_worker_count,
     )
 
 
 def decode_server_load(data: bytes) -> tuple[str, int, int]:
     """(status, concurrency, active_worker_count) of a ServerInfo: all the details watcher
-    aggregates, without building the full ServerInfo (a third of the cost, read 100,000 times
-    per interval by a fleet's details leader)."""
-    msg = _parse(asynqpb.ServerInfo, data)
-    return msg.status, msg.concurrency, msg.active_worker_count
+    aggregates, without building the full ServerInfo (read 100,000 times per interval by a
+    fleet's details leader)."""
+    try:
+        return pbwire.server_load(data)
+    except pbwire.WireError as e:
+        raise UndecodableError(f"cannot decode ServerInfo: {e}") from None
 
 
 def decode_worker_info(data: bytes) -> WorkerInfo:
-    msg = _parse(asynqpb.WorkerInfo, data)
+    msg = _parse(_pb().WorkerInfo, data)
     return WorkerInfo(
         host=msg.host,
         pid=msg.pid,
@@ -189,7 +223,7 @@ def decode_worker_info(data: bytes) -> WorkerInfo:
 
 
 def decode_scheduler_entry(data: bytes) -> SchedulerEntry:
-    msg = _parse(asynqpb.SchedulerEntry, data)
+    msg = _parse(_pb().SchedulerEntry, data)
     return SchedulerEntry(
         id=msg.id,
         spec=msg.spec,
@@ -211,7 +245,7 @@ def _set_timestamp(ts, seconds: float | None) -> None:
 
 def encode_server_info(info: ServerInfo) -> bytes:
     """Protobuf bytes laid out exactly as asynq's base.EncodeServerInfo writes them."""
-    msg = asynqpb.ServerInfo(
+    msg = _pb().ServerInfo(
         host=info.host,
         pid=info.pid,
         server_id=info.server_id,
@@ -226,7 +260,7 @@ def encode_server_info(info: ServerInfo) -> bytes:
 
 
 def encode_worker_info(info: WorkerInfo, payload: bytes = b"") -> bytes:
-    msg = asynqpb.WorkerInfo(
+    msg = _pb().WorkerInfo(
         host=info.host,
         pid=info.pid,
         server_id=info.server_id,
@@ -241,7 +275,7 @@ def encode_worker_info(info: WorkerInfo, payload: bytes = b"") -> bytes:
 
 
 def encode_scheduler_entry(entry: SchedulerEntry, payload: bytes = b"") -> bytes:
-    msg = asynqpb.SchedulerEntry(
+    msg = _pb().SchedulerEntry(
         id=entry.id,
         spec=entry.spec,
         task_type=entry.task_type,

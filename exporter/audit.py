@@ -1,7 +1,8 @@
 """`asynq-sidecar audit`: a read-only report of every registration in asynq's three sorted sets.
 
 Unlike asynq's own listing (which runs ZREMRANGEBYSCORE), it deletes nothing: it reads with
-ZSCAN and pipelined GET/HLEN/LLEN only. Exit 0: nothing expired; 1: expired entries; 2: Redis unreadable.
+ZSCAN and pipelined GET/HLEN/LLEN only. Live or expired, and every age, go by Redis's clock (one
+TIME), not this machine's. Exit 0: nothing expired; 1: expired entries; 2: Redis unreadable.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from redis.exceptions import ResponseError
 from exporter import asynq, logs
 from exporter.config import LogConfig, RedisConfig
 from exporter.health import REDIS_FAILURES
-from exporter.redisconn import connect
+from exporter.redisconn import connect, redis_time
 
 log = logging.getLogger("exporter.audit")
 
@@ -167,12 +168,15 @@ async def _read_keys(redis: Redis, regs: Sequence[tuple[Registration, asynq.Memb
             _apply_length(reg, value, report, "entries")
 
 
-async def read_report(redis: Redis, now: float, display_url: str = "") -> Report:
-    """Read every registration of the three sets, as of `now`. Only read commands are sent.
+async def read_report(redis: Redis, now: float | None = None, display_url: str = "") -> Report:
+    """Read every registration of the three sets, as of `now` (default: Redis's clock, TIME).
+    Only read commands are sent.
 
     A member is live when its score (an expiry in whole seconds) is at or after `now`, as in
     the exporter's `asynq_registry_entries`.
     """
+    if now is None:
+        now = await redis_time(redis)
     report = Report(redis_url=display_url, time=now)
     for set_name, set_key in asynq.SETS.items():
         members = await _scan_set(redis, set_key)
@@ -300,6 +304,6 @@ def run(values: dict[str, Any], args: argparse.Namespace) -> int:
 async def _read(cfg: RedisConfig) -> Report:
     redis = connect(cfg)
     try:
-        return await read_report(redis, time.time(), cfg.display_url)
+        return await read_report(redis, display_url=cfg.display_url)
     finally:
         await redis.aclose()

@@ -135,11 +135,11 @@ class Emulator:
     async def beat(self) -> None:
         """One heartbeat, in asynq's order: ZADD servers, ZADD workers, then the state script."""
         score = self.expiry_score(self._clock())
-        await self.redis.zadd(self._servers_set, {self.server_member.key: score})
-        await self.redis.zadd(self._workers_set, {self.workers_member.key: score})
-        args: list[Any] = [self.config.ttl, self.server_info_bytes()]
+        args: list[Any] = [self.config.ttl, self.server_info_bytes()]  # encoded first: no gap between the writes
         for task in self.tasks:
             args += [task.task_id, self.worker_info_bytes(task)]
+        await self.redis.zadd(self._servers_set, {self.server_member.key: score})
+        await self.redis.zadd(self._workers_set, {self.workers_member.key: score})
         await self._write_state(keys=[self.server_member.key, self.workers_member.key], args=args)
 
     async def clear(self) -> None:

@@ -122,3 +122,13 @@ def _sentinel_master(cfg: RedisConfig, kwargs: dict[str, Any]) -> Redis:
     client = sentinel.master_for(cfg.sentinel_master, redis_class=SentinelMaster)
     client.sentinel = sentinel
     return client
+
+
+async def redis_time(redis: Redis) -> float:
+    """Redis's clock (TIME), Unix seconds: what asynq's scores are compared with when a decision
+    must not depend on this machine's clock. A Cluster client asks one node."""
+    reply: Any = await redis.time()
+    if isinstance(reply, dict):  # a Cluster client asked several nodes: any one will do
+        reply = next(iter(reply.values()))
+    seconds, micros = reply
+    return int(seconds) + int(micros) / 1e6

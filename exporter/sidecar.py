@@ -29,7 +29,6 @@ from exporter.metrics import RegistryCollector, new_registry
 from exporter.redisclock import RedisClock
 from exporter.redisconn import SentinelMaster, connect
 from exporter.registry import DetailsWatcher, RegistryCounts, ScrapesFirst
-from exporter.sweep import Sweeper, sweep_periodically
 
 log = logging.getLogger("exporter.sidecar")
 
@@ -206,6 +205,8 @@ class Sidecar:
         self.spawn(self.cleanup.observe_forever(), "registration-observer")
         self.spawn(self.cleanup.remove_host_orphans(), "host-orphans")
         if cfg.cleanup.sweep_interval > 0:
+            from exporter.sweep import Sweeper, sweep_periodically  # only then: memory
+
             sweeper = Sweeper(self.redis, self.health, grace=cfg.cleanup.sweep_grace,
                               batch=cfg.cleanup.sweep_batch, dry_run=cfg.cleanup.mode == "dry-run")
             removed = self.cleanup.metrics.removed.labels(reason="sweep")

@@ -80,3 +80,26 @@ def register_server(client, host: str, pid: int, server_id: str, expires_at: flo
                                 active_worker_count=active)
         client.set(m.key, asynq.encode_server_info(info), ex=10)
     return m
+
+
+def redis_now(client) -> float:
+    """Redis's clock (TIME), Unix seconds, from a synchronous client."""
+    seconds, micros = client.time()
+    return seconds + micros / 1e6
+
+
+def faketime_prefix(offset: str, faketime: str) -> tuple[list[str], dict[str, str]]:
+    """argv prefix and environment that run a command on a wall clock shifted by `offset`
+    ("+75s"), as on a machine whose clock is off (its monotonic clock left alone). Checks that
+    the shift really happens, so that a test cannot pass because faketime did nothing."""
+    import subprocess
+    import sys
+
+    prefix = [faketime, "-f", offset]
+    env = {"PATH": "/usr/bin:/bin", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    proc = subprocess.run([*prefix, sys.executable, "-c", "import time; print(time.time())"],
+                          capture_output=True, text=True, env=env, timeout=30, check=True)
+    shift = float(proc.stdout) - time.time()
+    wanted = float(offset.rstrip("s"))
+    assert abs(shift - wanted) < 5, f"faketime {offset} shifted the clock by {shift:.1f} s"
+    return prefix, env

@@ -6,7 +6,10 @@ import asyncio
 import json
 import logging
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import redis.asyncio as redis_async
@@ -15,6 +18,10 @@ from exporter import asynq, cli
 from exporter.audit import format_duration, read_report
 from exporter.emulator import Emulator, EmulatorConfig
 from exporter.redis_server import free_port
+from tests.conftest import require_tool
+from tests.helpers import faketime_prefix, redis_now
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LIVE_ACTIVE = ("web-1", 1, "11111111-1111-4111-8111-111111111111")
 LIVE_CLOSED = ("web-2", 1, "22222222-2222-4222-8222-222222222222")
@@ -198,6 +205,27 @@ def test_json_document(mixed, redis_url, capsys, keep_logging):
     live = regs[key("servers", LIVE_ACTIVE)]
     assert (live["host"], live["pid"], live["id"], live["status"], live["active_tasks"]) == (*LIVE_ACTIVE, "active", 2)
     assert regs[key("servers", EXPIRED)]["seconds_since_expiry"] == pytest.approx(300, abs=2)
+
+
+@pytest.mark.parametrize("offset", ["+75s", "-75s"])
+def test_states_and_ages_go_by_redis_clock(live_only, rdb, offset):
+    """On a machine whose clock is 75 s off, a live server is still live and ages are right."""
+    prefix, env = faketime_prefix(offset, require_tool("faketime"))
+    now = redis_now(rdb)
+    rdb.zadd(asynq.SERVERS, {key("servers", EXPIRED): int(now) - 30})
+
+    proc = subprocess.run([*prefix, sys.executable, "-m", "exporter", "audit", "--redis-url", live_only,
+                           "--json"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+
+    assert proc.returncode == 1, proc.stderr  # the one expired entry
+    doc = json.loads(proc.stdout)
+    regs = {r["member"]: r for r in doc["registrations"]}
+    live = regs[key("servers", LIVE_ACTIVE)]
+    assert live["state"] == "live" and 0 < live["seconds_until_expiry"] <= 10
+    gone = regs[key("servers", EXPIRED)]
+    assert gone["state"] == "expired" and gone["seconds_since_expiry"] == pytest.approx(30, abs=2)
+    assert doc["summary"]["servers"] == {"live": 1, "expired": 1}
+    assert abs(doc["time"] - redis_now(rdb)) < 5, "the audit's time is Redis's"
 
 
 # ---------------------------------------------------------------- read-only

@@ -413,10 +413,6 @@ class FaultRun:
         return lines
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "serve --sweep-interval takes the sweep's cutoff from the local clock (Sweeper's default "
-    "clock, time.time), not Redis's: pod B's sidecar, 20-75 s ahead, removes every live "
-    "registration in Redis at each sweep"))
 async def test_randomized_faults_remove_no_live_registration_and_leave_no_dead_one(
         faults, processes, tmp_path):
     seed = int(os.environ.get(SEED_VARIABLE) or random.SystemRandom().randrange(2**32))

@@ -49,7 +49,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 import redis as redis_sync
 
 from tests.conftest import require_tool

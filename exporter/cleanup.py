@@ -405,7 +405,7 @@ class Cleanup:
             started = time.monotonic()
             try:
                 with self.health.op("observe worker registrations"):
-                    now = await self.redis_now(fresh=bool(self.watches))
+                    now = await self.redis_now()  # measured again every CLOCK_RESYNC seconds
                     for watch in list(self.watches.values()):
                         try:
                             await self.observe(watch, now)
@@ -543,7 +543,7 @@ class Cleanup:
         """One look at what the departed worker left; the seconds until the next look, or None
         when there is nothing left to watch."""
         watch, w = dep.watch, dep.watch.worker
-        now = await self.redis_now()  # measured at least every tick while workers are watched
+        now = await self.redis_now()
         looking = now <= dep.look_until
         # What is known first (a worker that lived a tick or two: this is the kill's fast path),
         # then a look for what is not.

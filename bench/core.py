@@ -326,9 +326,11 @@ class ServeProcess:
         self.port = free_port()
         self.socket = os.path.join(workdir, f"s{self.port}.sock")
         self.log_path = os.path.join(workdir, f"serve-{self.port}.log")
+        # --host-pids unique, as the example pods run it: every worker here is a process of
+        # this machine (or a client naming a pid no other worker has).
         self.argv = [sys.executable, "-m", "exporter", "serve", "--redis-url", redis_url,
                      "--listen", f"127.0.0.1:{self.port}", "--socket", self.socket,
-                     "--hostname", hostname, *args]
+                     "--hostname", hostname, "--host-pids", "unique", *args]
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
 

@@ -1,8 +1,7 @@
 """From a worker's SIGKILL to its registration gone from asynq:servers, over 200 kills; again with a
 backlog of 1,000,000 expired members in each set (a fleet that leaked for months).
 
-Real processes: `asynq-sidecar serve` (`--host-pids unique`, as the example pods run it: every
-worker here is a process of this machine) and, per worker, `asynq-sidecar run
+Real processes: `asynq-sidecar serve` (`--host-pids unique`, see ServeProcess) and, per worker, `asynq-sidecar run
 --socket S -- python -m exporter emulate --heartbeat 5`. Workers are started in batches; once
 every worker of a batch is registered and older than two observer ticks (so the sidecar knows
 which registration is whose, as for any worker that lived more than a second or two), they are
@@ -94,7 +93,7 @@ def _kills(quick: bool, *, backlog: int, name: str) -> Report:
         if backlog:  # leaked long before the sidecar came: members only, their keys gone by TTL
             load_registrations(client, backlog, expires_in=-30 * 86_400, key_ttl=None, chunk=20_000)
         started = time.monotonic()
-        sc = ServeProcess(server.url, wd, args=("--host-pids", "unique")).start()
+        sc = ServeProcess(server.url, wd).start()
         try:
             _measure(client, sc, server.url, wd, kills, batch, latencies)
             text = sc.scrape()

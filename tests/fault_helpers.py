@@ -127,19 +127,18 @@ class Serve:
             await self.proc.wait()
 
 
-class Sentry:
-    """A thread that reads one registration every 5 ms and records every moment it was missing
-    while Redis answered: a removal is seen even though the owner's next beat would write it back."""
+class Poller:
+    """A thread that calls `_read(client)` every `interval` seconds until stopped; reads that fail
+    (Redis down, paused or loading) see nothing. `reads` counts those that went through."""
 
-    def __init__(self, redis_url: str, member: asynq.Member) -> None:
+    def __init__(self, redis_url: str, interval: float = 0.005, name: str = "poller") -> None:
         self.redis_url = redis_url
-        self.member = member
-        self.missing: list[tuple[float, tuple]] = []
+        self.interval = interval
         self.reads = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="sentry", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name=name, daemon=True)
 
-    def start(self) -> Sentry:
+    def start(self):
         self._thread.start()
         return self
 
@@ -150,21 +149,37 @@ class Sentry:
 
     def _watch(self) -> None:
         client = redis_sync.Redis.from_url(self.redis_url, socket_timeout=0.2, socket_connect_timeout=0.2)
-        w = self.member.sibling("workers")
         while not self._stop.is_set():
             try:
-                pipe = client.pipeline(transaction=False)
-                pipe.zscore(asynq.SERVERS, self.member.key)
-                pipe.zscore(asynq.WORKERS, w.key)
-                pipe.exists(self.member.key, w.key)
-                seen = tuple(pipe.execute())
+                self._read(client)
                 self.reads += 1
-                if seen[0] is None or seen[1] is None or seen[2] != 2:
-                    self.missing.append((time.time(), seen))
             except (redis_sync.RedisError, OSError):
-                pass  # Redis down or paused: nothing to see
-            self._stop.wait(0.005)
+                pass
+            self._stop.wait(self.interval)
         client.close()
+
+    def _read(self, client: redis_sync.Redis) -> None:
+        raise NotImplementedError
+
+
+class Sentry(Poller):
+    """Reads one registration every 5 ms and records every moment it was missing while Redis
+    answered: a removal is seen even though the owner's next beat would write it back."""
+
+    def __init__(self, redis_url: str, member: asynq.Member) -> None:
+        super().__init__(redis_url, name="sentry")
+        self.member = member
+        self.missing: list[tuple[float, tuple]] = []
+
+    def _read(self, client: redis_sync.Redis) -> None:
+        w = self.member.sibling("workers")
+        pipe = client.pipeline(transaction=False)
+        pipe.zscore(asynq.SERVERS, self.member.key)
+        pipe.zscore(asynq.WORKERS, w.key)
+        pipe.exists(self.member.key, w.key)
+        seen = tuple(pipe.execute())
+        if seen[0] is None or seen[1] is None or seen[2] != 2:
+            self.missing.append((time.time(), seen))
 
     def assert_never_missing(self) -> None:
         assert self.missing == [], f"{self.member.key} went missing: {self.missing[:5]}"
@@ -331,47 +346,23 @@ class Tracked:
         return "asynq:workers:" + self.member[len("asynq:servers:"):]
 
 
-class Monitor:
+class Monitor(Poller):
     """A thread that reads every tracked registration every few milliseconds, as the Sentry does
     for one: a live registration missing at any read is recorded (even if its owner's next beat
     writes it back), and so is a dead one still present after `deadline(tracked)`. Reads that
     fail (Redis down, loading) see nothing."""
 
     def __init__(self, redis_url: str, deadline, interval: float = 0.005) -> None:
-        self.redis_url = redis_url
+        super().__init__(redis_url, interval, name="monitor")
         self.deadline = deadline  # Tracked -> time.time() by which it must be gone, or None (not yet known)
-        self.interval = interval
         self.tracked: list[Tracked] = []
-        self.reads = 0
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="monitor", daemon=True)
 
     def track(self, server_id: str, label: str) -> Tracked:
         t = Tracked(server_id, label)
         with self._lock:
             self.tracked.append(t)
         return t
-
-    def start(self) -> Monitor:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(2)
-
-    def _watch(self) -> None:
-        client = redis_sync.Redis.from_url(self.redis_url, socket_timeout=0.2, socket_connect_timeout=0.2)
-        while not self._stop.is_set():
-            try:
-                self._read(client)
-                self.reads += 1
-            except (redis_sync.RedisError, OSError):
-                pass  # Redis down, paused for reads or loading: nothing to see
-            self._stop.wait(self.interval)
-        client.close()
 
     def _read(self, client: redis_sync.Redis) -> None:
         pipe = client.pipeline(transaction=False)

@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 from redis.asyncio import Redis
 
+from exporter.redisconn import redis_time
+
 
 class RedisClock:
     """`now()` is Redis's time as last measured; 0 offset until the first `sync()`."""
@@ -31,9 +33,8 @@ class RedisClock:
         """Measure the offset with one TIME (taken as read halfway through the round trip);
         returns Redis's time now."""
         before = self._local()
-        seconds, micros = await redis.time()
+        redis_now = await redis_time(redis)
         after = self._local()
-        redis_now = int(seconds) + int(micros) / 1e6
         self.offset = redis_now - (before + after) / 2
         self.synced = True
         return redis_now

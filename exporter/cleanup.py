@@ -551,11 +551,13 @@ class Cleanup:
         if looking:
             # Its registration may have appeared after the last tick, or be written again by a
             # heartbeat that raced the shutdown (asynq #979): look on for a while after the exit.
-            known = set(watch.owned)
+            before = {k: o.score for k, o in watch.owned.items()}
             await self._discover(watch, since=min(w.born_at + self.clock.offset, now) - 1)
-            if set(watch.owned) != known or any(o.score is not None for o in watch.owned.values()):
+            # A new member, or one that was gone and is back: act on it now.
+            if any(o.score is not None and before.get(k) is None for k, o in watch.owned.items()):
                 later = await self._settle_owned(dep, now)
-                next_look = later if next_look is None else min(next_look, later or next_look)
+                if later is not None:
+                    next_look = later if next_look is None else min(next_look, later)
             wake = min(self.poll_interval, dep.look_until - now + 0.05)
             next_look = wake if next_look is None else min(next_look, wake)
         return next_look
@@ -588,6 +590,8 @@ class Cleanup:
                 next_look = self.poll_interval if next_look is None else min(next_look, self.poll_interval)
             elif self.cfg.mode != "on":
                 dep.noted.add(key)
+            else:
+                o.score = None  # removed (or found gone by the script)
         return next_look
 
     async def _settle_member(self, dep: Departure, o: Owned, seen: Seen, how: Verdict, now: float) -> int:

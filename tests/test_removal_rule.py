@@ -19,7 +19,7 @@ from tests.conftest import require_tool
 from tests.fault_helpers import (  # noqa: F401 - faults and processes are fixtures
     EMULATE, Sentry, faults, gone_entirely)
 from tests.helpers import eventually, register_server
-from tests.lifecycle_helpers import CHILD, HOST, ROOT, processes
+from tests.lifecycle_helpers import CHILD, HOST, processes  # noqa: F401 - processes is a fixture
 
 
 def children(pid: int) -> list[int]:

@@ -16,8 +16,8 @@ import uuid
 import redis.asyncio as redis_async
 
 from bench.core import MISS, PASS, Report, Row, load_registrations, median, percentile, private_redis
-from exporter import asynq
-from exporter.cleanup import RegistrationStore
+from exporter.asynq import model as asynq
+from exporter.cleanup.watch import RegistrationStore
 
 BACKLOG = 1_000_000
 LIVE_FLEET = 1_000

@@ -23,8 +23,8 @@ from redis.asyncio import Redis
 from bench.core import (
     INFO_OVERHEAD, Report, commands_processed, load_registrations, median, private_redis,
 )
-from exporter import asynq
-from exporter.registry import read_counts, read_details
+from exporter.asynq import model as asynq
+from exporter.registrations.reader import read_counts, read_details
 
 #: asynq's listServerKeysCmd, verbatim.
 LIST_SERVER_KEYS = """

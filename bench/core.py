@@ -20,8 +20,8 @@ from pathlib import Path
 import redis as redis_sync
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter import asynq
-from exporter.redis_server import RedisServer, find_redis_server, free_port
+from exporter.asynq import model as asynq
+from exporter.devtools.redis_server import RedisServer, find_redis_server, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024

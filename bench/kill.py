@@ -22,7 +22,7 @@ from bench.core import (
     MISS, NOT_MEASURED, PASS, BenchError, Report, Row, ServeProcess, Worker, launcher_available,
     load_registrations, median, metric, percentile, private_redis, wait_until, workdir,
 )
-from exporter import asynq
+from exporter.asynq import model as asynq
 
 P50_MS, P99_MS = 20.0, 100.0
 #: Seconds a worker must have been registered before it is killed (the observer ticks every 1 s).

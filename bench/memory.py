@@ -18,8 +18,8 @@ from bench.core import (
     judge, launcher_available, load_registrations, median, metric, metric_sum, private_redis,
     python_env, rss_bytes, stop_process, wait_until, workdir,
 )
-from exporter import asynq
-from exporter.redis_server import free_port
+from exporter.asynq import model as asynq
+from exporter.devtools.redis_server import free_port
 
 RSS_TARGET_MIB = 47.0
 GROWTH_TARGET_MIB = 2.0
@@ -168,7 +168,7 @@ def _settle_seconds() -> float:
     """How long after the last cycle the sidecar still holds work for it: each removal is read
     back CONFIRM_AFTER seconds later (a task per removal), if this version does that; then 2 s
     for the last cleanups to finish and connections to close."""
-    from exporter import cleanup
+    from exporter.cleanup import watch as cleanup
 
     return float(getattr(cleanup, "CONFIRM_AFTER", 0.0)) + 2.0
 

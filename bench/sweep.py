@@ -31,8 +31,8 @@ from bench.core import (
     MISS, PASS, REPO, BenchError, Report, Row, judge, load_registrations, median, private_redis,
     python_env,
 )
-from exporter import asynq
-from exporter.health import RedisHealth
+from exporter.asynq import model as asynq
+from exporter.redisio.health import RedisHealth
 
 TARGET_SECONDS = 4.0
 TARGET_RATIO = 1.5  # the real sweep's median over the minimal one's, same run
@@ -74,7 +74,7 @@ def _check_empty(client) -> None:
 
 
 async def _in_process(url: str) -> float:
-    from exporter.sweep import Sweeper
+    from exporter.cleanup.sweep import Sweeper
 
     redis = Redis.from_url(url)
     try:

@@ -16,8 +16,8 @@ from redis.asyncio import Redis
 from bench.core import (
     MIB, MISS, PASS, Report, Row, cpu_seconds, judge, load_registrations, median, private_redis,
 )
-from exporter.health import RedisHealth
-from exporter.registry import DetailsWatcher, read_details
+from exporter.redisio.health import RedisHealth
+from exporter.registrations.reader import DetailsWatcher, read_details
 
 TARGET_SECONDS = 1.0
 #: The largest fleet's peak may exceed the 10,000 one's by this factor and still be "bounded".

@@ -10,8 +10,8 @@ import pytest
 import redis as redis_sync
 import redis.asyncio as redis_async
 
-from exporter.config import CleanupConfig, LogConfig, RedisConfig, ServeConfig, SocketConfig
-from exporter.redis_server import RedisServer
+from exporter.cli.options import CleanupConfig, LogConfig, RedisConfig, ServeConfig, SocketConfig
+from exporter.devtools.redis_server import RedisServer
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

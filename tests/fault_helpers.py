@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 import redis as redis_sync
 
-from exporter import asynq
-from exporter.redis_server import RedisServer, free_port
+from exporter.asynq import model as asynq
+from exporter.devtools.redis_server import RedisServer, free_port
 from tests.helpers import eventually, samples
 from tests.lifecycle_helpers import HOST, ROOT
 

@@ -10,7 +10,7 @@ from typing import TypeVar
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter import asynq
+from exporter.asynq import model as asynq
 
 T = TypeVar("T")
 

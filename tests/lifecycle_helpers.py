@@ -44,7 +44,7 @@ while True:
 #: stopping, a drain of DRAIN seconds, bye, close, exit 0.
 CLIENT_WORKER = r"""
 import asyncio, os, signal, sys
-from exporter.client import LifecycleClient
+from exporter.lifecycle.client import LifecycleClient
 path, drain = sys.argv[1], float(sys.argv[2])
 async def main():
     stop = asyncio.Event()

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from exporter.redis_server import free_port
+from exporter.devtools.redis_server import free_port
 from tests.conftest import require_tool
 from tests.helpers import eventually, wait_until
 

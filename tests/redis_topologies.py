@@ -13,7 +13,7 @@ from pathlib import Path
 import redis as redis_sync
 from redis.cluster import RedisCluster as SyncRedisCluster
 
-from exporter.redis_server import RedisServer, RedisServerError, free_port
+from exporter.devtools.redis_server import RedisServer, RedisServerError, free_port
 from tests.helpers import wait_until
 from tests.pki import PKI
 

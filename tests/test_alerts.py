@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from exporter.sidecar import Sidecar
+from exporter.server.sidecar import Sidecar
 from tests import promql_names as pn
 from tests.conftest import require_tool
 from tests.helpers import eventually, register_server, scrape

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pb2
 
-from exporter import asynq, asynqpb
+from exporter.asynq import model as asynq
+
+from exporter.asynq import proto as asynqpb
 from tests.conftest import require_tool
 
 PROTO = Path(asynq.__file__).with_name("asynq.proto")

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import redis.asyncio as redis_async
 
-from exporter import asynq, cli
-from exporter.audit import format_duration, read_report
-from exporter.emulator import Emulator, EmulatorConfig
-from exporter.redis_server import free_port
+from exporter.asynq import model as asynq
+
+from exporter.cli import main as cli
+from exporter.registrations.audit import format_duration, read_report
+from exporter.devtools.emulator import Emulator, EmulatorConfig
+from exporter.devtools.redis_server import free_port
 from tests.conftest import require_tool
 from tests.helpers import faketime_prefix, redis_now
 

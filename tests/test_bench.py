@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.core import HEADER
-from exporter.redis_server import RedisServerError, find_redis_server
+from exporter.devtools.redis_server import RedisServerError, find_redis_server
 from tests.conftest import IN_CI
 
 REPO = Path(__file__).resolve().parent.parent

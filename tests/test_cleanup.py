@@ -12,13 +12,13 @@ import redis.asyncio as redis_async
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter import asynq
-from exporter.cleanup import RegistrationStore
-from exporter.removal import ABSENT, KEPT, REMOVED, Verdict
-from exporter.config import CleanupConfig, RedisConfig
-from exporter.lifecycle import Bye, Disconnected, Exited, Hello, State
-from exporter.redis_server import RedisServer
-from exporter.sidecar import Sidecar
+from exporter.asynq import model as asynq
+from exporter.cleanup.watch import RegistrationStore
+from exporter.cleanup.rule import ABSENT, KEPT, REMOVED, Verdict
+from exporter.cli.options import CleanupConfig, RedisConfig
+from exporter.lifecycle.tracker import Bye, Disconnected, Exited, Hello, State
+from exporter.devtools.redis_server import RedisServer
+from exporter.server.sidecar import Sidecar
 from tests.helpers import eventually, register_server
 
 HOST = socket.gethostname()  # a worker shares its pod's host name with the sidecar
@@ -580,7 +580,7 @@ def test_generated_fleets_lose_every_dead_registration_and_keep_every_live_one(r
 def generated_config(redis_url: str, unique: bool):
     import tempfile
 
-    from exporter.config import LogConfig, ServeConfig, SocketConfig
+    from exporter.cli.options import LogConfig, ServeConfig, SocketConfig
 
     return ServeConfig(redis=RedisConfig(url=redis_url, timeout=1.0), listen=("127.0.0.1", 0),
                        socket=SocketConfig(path=tempfile.mktemp(prefix="s", dir="/tmp")), log=LogConfig(),

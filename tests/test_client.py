@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from exporter.client import LifecycleClient
-from exporter.sidecar import Sidecar
+from exporter.lifecycle.client import LifecycleClient
+from exporter.server.sidecar import Sidecar
 from tests.helpers import eventually
 from tests.lifecycle_helpers import HOST, exits, metric, processes  # noqa: F401 - a fixture
 

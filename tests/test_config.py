@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from exporter import config
-from exporter.cli import COMMAND_OPTIONS, build_parser, main
+from exporter.cli import options as config
+from exporter.cli.main import COMMAND_OPTIONS, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_help_lists_every_variable():
 def test_configuration_doc_is_generated_from_the_table():
     doc = (ROOT / "docs" / "configuration.md").read_text()
     assert doc == config.markdown(COMMAND_OPTIONS), (
-        "docs/configuration.md is stale: python -m exporter.config --markdown > docs/configuration.md")
+        "docs/configuration.md is stale: python -m exporter.cli.options --markdown > docs/configuration.md")
 
 
 def test_main_returns_2_on_missing_command(capsys):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.sidecar import Sidecar
+from exporter.server.sidecar import Sidecar
 from tests import promql_names as pn
 from tests.helpers import eventually, register_server, scrape
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import redis as redis_sync
 
-from exporter.redis_server import free_port
+from exporter.devtools.redis_server import free_port
 from tests.helpers import eventually, scrape, value
 from tests.prom import prometheus  # noqa: F401  (a fixture)
 from tests.promql_names import substitute

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from exporter import asynq
-from exporter.emulator import TASK_TIMEOUT, TASK_TYPE, Emulator, EmulatorConfig
-from exporter.redis_server import free_port
+from exporter.asynq import model as asynq
+from exporter.devtools.emulator import TASK_TIMEOUT, TASK_TYPE, Emulator, EmulatorConfig
+from exporter.devtools.redis_server import free_port
 from tests.helpers import eventually, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -106,7 +106,7 @@ class Pod:
 
     def sweeps(self) -> int:
         """Sweeps that ran to the end, as its sidecars' log (one file across restarts) shows."""
-        return self.sidecar.log().count("exporter.sweep: sweep removed") if self.sidecar else 0
+        return self.sidecar.log().count("exporter.cleanup.sweep: sweep removed") if self.sidecar else 0
 
 
 @dataclass

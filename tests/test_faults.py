@@ -18,9 +18,9 @@ import aiohttp
 import redis as redis_sync
 import redis.asyncio as redis_async
 
-from exporter import asynq
-from exporter.config import CleanupConfig, RedisConfig
-from exporter.sidecar import Sidecar
+from exporter.asynq import model as asynq
+from exporter.cli.options import CleanupConfig, RedisConfig
+from exporter.server.sidecar import Sidecar
 from tests.fault_helpers import (  # noqa: F401 - faults and processes are fixtures
     Bystander, faults, gone_entirely, rss_kib, start_worker)
 from tests.helpers import eventually
@@ -338,7 +338,7 @@ async def test_a_crash_loop_leaves_no_state_behind_in_the_sidecar(make_config, r
                                                                    caplog):
     """The same crash loop against an in-process sidecar: afterwards the tracker, the cleanup's
     watches and tasks, and the socket's connections are empty, and no worker record is alive."""
-    from exporter.lifecycle import Worker
+    from exporter.lifecycle.tracker import Worker
 
     # pytest keeps every log record of a test, and the record of a failed Redis attempt holds
     # the exception, whose traceback holds the cleanup's frames and so its worker: below ERROR,
@@ -393,7 +393,7 @@ async def test_a_cleanup_retried_after_redis_failed_midway_counts_its_leak_once(
     the registration, and the leak and its in-flight tasks are counted once, not per attempt."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from exporter.lifecycle import Exited, Hello
+    from exporter.lifecycle.tracker import Exited, Hello
     from tests.helpers import register_server
 
     async with Sidecar(make_config(hostname=HOST, cleanup=CleanupConfig(host_pids_unique=True))) as sc:

@@ -22,11 +22,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter import protocol
-from exporter.config import OPTIONS, ConfigError, SocketConfig
-from exporter.lifecycle import Bye, Exited, Hello, Ready, Registered, State, Stopping
-from exporter.protocol import MAX_LINE, Invalid, Message, parse
-from exporter.sidecar import Sidecar
+from exporter.lifecycle import protocol
+from exporter.cli.options import OPTIONS, ConfigError, SocketConfig
+from exporter.lifecycle.tracker import Bye, Exited, Hello, Ready, Registered, State, Stopping
+from exporter.lifecycle.protocol import MAX_LINE, Invalid, Message, parse
+from exporter.server.sidecar import Sidecar
 from tests.helpers import eventually
 
 #: What the parser alone may answer (the socket server and the tracker add the others).

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 
-from exporter.redis_server import free_port
+from exporter.devtools.redis_server import free_port
 from tests.helpers import eventually, scrape, value
 from tests.lifecycle_helpers import HOST, ROOT, processes  # noqa: F401 - a fixture
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.sidecar import Sidecar
+from exporter.server.sidecar import Sidecar
 from tests.gobuild import go_launcher  # noqa: F401 - a fixture
 from tests.helpers import eventually
 from tests.lifecycle_helpers import exits, metric, processes  # noqa: F401 - a fixture
@@ -411,7 +411,7 @@ async def test_worker_started_before_the_sidecar_is_delivered_with_true_times(
 
 async def test_a_shutdown_longer_than_the_budget_is_counted_and_logged(
         launcher, make_config, tmp_socket, processes, caplog):
-    caplog.set_level(logging.INFO, logger="exporter.lifecycle")
+    caplog.set_level(logging.INFO, logger="exporter.lifecycle.tracker")
     async with Sidecar(make_config(shutdown_budget=0.1)) as sc:
         w = await launch(processes, launcher, tmp_socket, "0.3", "0")
         await w.ready()
@@ -420,7 +420,7 @@ async def test_a_shutdown_longer_than_the_budget_is_counted_and_logged(
         assert await w.wait() == 0
         await eventually(lambda: metric(sc, "asynq_sidecar_shutdowns_over_budget_total") == 1)
         assert metric(sc, "asynq_sidecar_shutdown_budget_seconds") == 0.1
-    edges = [r.getMessage() for r in caplog.records if r.name == "exporter.lifecycle"]
+    edges = [r.getMessage() for r in caplog.records if r.name == "exporter.lifecycle.tracker"]
     assert [m.split(":")[0] for m in edges] == ["worker started", "worker stopping", "worker exited gracefully"]
     assert "over the 0.1s budget" in edges[-1]
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.lifecycle import (
+from exporter.lifecycle.tracker import (
     Bye, Disconnected, Exited, Hello, Ready, RegistrationSeen, Rejected, State, Stopping,
     Tracker, WorkerExited, WorkerForgotten, WorkerRunning, WorkerStarted, WorkerStopping,
 )

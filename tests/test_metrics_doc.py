@@ -11,8 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import aiohttp
 import bcrypt
 
-from exporter import webconfig
-from exporter.sidecar import Sidecar
+from exporter.server import webconfig
+from exporter.server.sidecar import Sidecar
 from tests.helpers import eventually, scrape
 
 #: Exported only with --web-config-file and basic auth users.

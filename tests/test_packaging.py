@@ -27,8 +27,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from exporter import asynq
-from exporter.config import OPTIONS, readable_file
+from exporter.asynq import model as asynq
+from exporter.cli.options import OPTIONS, readable_file
 from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +198,7 @@ def test_image_runs_as_a_numeric_non_root_user():
 
 
 def test_image_entrypoint_is_the_cli_and_serves_by_default():
-    from exporter.cli import COMMANDS
+    from exporter.cli.main import COMMANDS
 
     final = final_stage(DOCKERFILE)
     assert json.loads(one(final, "ENTRYPOINT")) == ["asynq-sidecar"]
@@ -242,7 +242,7 @@ async def test_healthcheck_passes_on_a_serving_sidecar_and_fails_without_one():
     from aiohttp import web
     from prometheus_client import CollectorRegistry
 
-    from exporter.http import build_app
+    from exporter.server.http import build_app
 
     async def nothing() -> None:
         return None
@@ -598,7 +598,7 @@ def test_probes_are_healthz_for_liveness_and_readyz_for_readiness_on_10050():
 @pytest.mark.parametrize("mode", MODES)
 def test_grace_period_covers_asynq_drain_and_the_sidecar_cleanup(mode):
     """The arithmetic of docs/deploy.md and the comments in each deployment.yaml."""
-    from exporter.sidecar import SHUTDOWN_DEADLINE
+    from exporter.server.sidecar import SHUTDOWN_DEADLINE
 
     spec = deployment(mode)["spec"]["template"]["spec"]
     grace = spec["terminationGracePeriodSeconds"]
@@ -651,7 +651,7 @@ def test_redis_password_comes_only_from_a_secret_file():
 
 
 def test_every_flag_and_variable_exists_and_every_command_line_parses():
-    from exporter.cli import COMMAND_OPTIONS, build_parser
+    from exporter.cli.main import COMMAND_OPTIONS, build_parser
 
     cms = configmaps()
     env_names = {opt.env: opt for opt in OPTIONS.values()}

@@ -1,4 +1,4 @@
-"""exporter.pbwire reads ServerInfo exactly as the protobuf runtime does: on messages protobuf
+"""exporter.asynq.pbwire reads ServerInfo exactly as the protobuf runtime does: on messages protobuf
 writes, on hand-made edge cases of the wire format, and on random bytes (both refuse, or both
 give the same fields); and serve imports neither protobuf nor --web-config-file's libraries."""
 
@@ -13,7 +13,11 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter import asynq, asynqpb, pbwire
+from exporter.asynq import model as asynq
+
+from exporter.asynq import proto as asynqpb
+
+from exporter.asynq import pbwire
 
 
 def by_protobuf(data: bytes) -> pbwire.ServerInfoFields | None:
@@ -121,7 +125,7 @@ def test_not_bytes_is_undecodable():
 def test_serve_imports_no_protobuf_yaml_bcrypt():
     """The memory a sidecar holds: serve's modules load none of these (--web-config-file loads
     YAML and bcrypt when given)."""
-    code = ("import sys, exporter.cli, exporter.sidecar; "
+    code = ("import sys, exporter.cli.main, exporter.server.sidecar; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'google', 'yaml', 'bcrypt'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -130,7 +134,7 @@ def test_serve_imports_no_protobuf_yaml_bcrypt():
 def test_a_command_is_imported_without_the_system_cas_and_the_environment_is_restored(monkeypatch):
     """cli imports a command's module (and so aiohttp) with OpenSSL's default CA paths pointed at
     nothing, then puts the environment back as it was, set or not."""
-    from exporter import cli
+    from exporter.cli import main as cli
 
     monkeypatch.setenv("SSL_CERT_FILE", "/etc/custom-ca.pem")
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
@@ -139,6 +143,6 @@ def test_a_command_is_imported_without_the_system_cas_and_the_environment_is_res
 
         assert ssl.create_default_context().cert_store_stats()["x509_ca"] == 0
     assert os.environ["SSL_CERT_FILE"] == "/etc/custom-ca.pem" and "SSL_CERT_DIR" not in os.environ
-    code = ("import ssl, exporter.cli as c; c.main(['emulate', '--help'])")
+    code = ("import ssl, exporter.cli.main as c; c.main(['emulate', '--help'])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and "--heartbeat" in proc.stdout

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter import protocol
-from exporter.lifecycle import Bye, Exited, Hello, Ready, Stopping
-from exporter.protocol import MAX_LINE, REASONS, Invalid, Message, encode, event_time, parse
+from exporter.lifecycle import protocol
+from exporter.lifecycle.tracker import Bye, Exited, Hello, Ready, Stopping
+from exporter.lifecycle.protocol import MAX_LINE, REASONS, Invalid, Message, encode, event_time, parse
 
 
 @pytest.mark.parametrize(

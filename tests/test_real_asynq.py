@@ -32,7 +32,7 @@ import pytest
 import pytest_asyncio
 import redis as redis_sync
 
-from exporter import asynq
+from exporter.asynq import model as asynq
 from tests.fault_helpers import Serve
 from tests.gobuild import PEER_VERSIONS, asynq_peers, example_workers, go_launcher  # noqa: F401 - fixtures
 from tests.helpers import eventually

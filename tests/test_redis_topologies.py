@@ -22,16 +22,16 @@ import pytest
 import redis as redis_sync
 import redis.cluster
 
-from exporter import asynq
-from exporter.audit import read_report
-from exporter.config import CleanupConfig, RedisConfig
-from exporter.emulator import Emulator, EmulatorConfig
-from exporter.health import RedisHealth
-from exporter.lifecycle import Disconnected, Exited, Hello, State
-from exporter.redis_server import RedisServerError, free_port
-from exporter.redisconn import connect
-from exporter.sidecar import Sidecar
-from exporter.sweep import Sweeper
+from exporter.asynq import model as asynq
+from exporter.registrations.audit import read_report
+from exporter.cli.options import CleanupConfig, RedisConfig
+from exporter.devtools.emulator import Emulator, EmulatorConfig
+from exporter.redisio.health import RedisHealth
+from exporter.lifecycle.tracker import Disconnected, Exited, Hello, State
+from exporter.devtools.redis_server import RedisServerError, free_port
+from exporter.redisio.connect import connect
+from exporter.server.sidecar import Sidecar
+from exporter.cleanup.sweep import Sweeper
 from tests.conftest import IN_CI, require_tool
 from tests.helpers import eventually, register_server, scrape, value, wait_until
 from tests.pki import PKI, pki  # noqa: F401 - the fixture

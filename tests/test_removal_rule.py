@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis as redis_sync
 
-from exporter import asynq
+from exporter.asynq import model as asynq
 from tests.conftest import require_tool
 from tests.fault_helpers import (  # noqa: F401 - faults and processes are fixtures
     EMULATE, Sentry, faults, gone_entirely)

@@ -12,9 +12,9 @@ import time
 import aiohttp
 import pytest
 
-from exporter.config import RedisConfig
-from exporter.redis_server import RedisServer, free_port
-from exporter.sidecar import Sidecar
+from exporter.cli.options import RedisConfig
+from exporter.devtools.redis_server import RedisServer, free_port
+from exporter.server.sidecar import Sidecar
 from tests.conftest import require_tool
 from tests.helpers import eventually, register_server, samples, scrape, value, wait_until
 
@@ -154,7 +154,7 @@ def test_serve_process_stops_within_a_second_on_sigterm(redis_url, tmp_path):
 async def test_scrape_shows_exactly_what_emulated_asynq_servers_registered(ardb, make_config):
     """Servers registered by the emulator (asynq's heartbeat, byte for byte): three live, two
     whose last beat was long ago (killed: their ZSET members stay, their keys expired)."""
-    from exporter.emulator import Emulator, EmulatorConfig
+    from exporter.devtools.emulator import Emulator, EmulatorConfig
 
     live = [Emulator(ardb, EmulatorConfig(host="pod-a", pid=i, server_id=f"live-{i}", concurrency=5 * i,
                                           tasks=i)) for i in (1, 2, 3)]
@@ -190,7 +190,7 @@ async def test_server_status_label_values_stay_bounded(rdb, make_config):
 
 
 async def test_one_sidecar_of_the_fleet_reads_the_details_and_the_others_share_them(rdb, make_config, tmp_path):
-    from exporter.config import SocketConfig
+    from exporter.cli.options import SocketConfig
 
     now = time.time()
     for i in range(5):
@@ -235,7 +235,7 @@ async def test_one_sidecar_of_the_fleet_reads_the_details_and_the_others_share_t
 
 
 async def test_sharing_off_makes_every_sidecar_read_for_itself(rdb, make_config, tmp_path):
-    from exporter.config import SocketConfig
+    from exporter.cli.options import SocketConfig
 
     register_server(rdb, "a", 1, "s", time.time() + 10)
     cfgs = [make_config(details_sharing=False, socket=SocketConfig(path=str(tmp_path / f"{i}.sock")))
@@ -249,7 +249,7 @@ async def test_sharing_off_makes_every_sidecar_read_for_itself(rdb, make_config,
 async def test_the_full_read_in_pages_and_chunks_counts_every_server_once(rdb, ardb):
     from collections import Counter
 
-    from exporter.registry import read_details
+    from exporter.registrations.reader import read_details
 
     now = time.time()
     for i in range(23):
@@ -264,7 +264,7 @@ async def test_the_full_read_in_pages_and_chunks_counts_every_server_once(rdb, a
 
 
 async def test_the_full_read_steps_aside_while_a_scrape_is_in_flight(rdb, ardb):
-    from exporter.registry import ScrapesFirst, read_details
+    from exporter.registrations.reader import ScrapesFirst, read_details
 
     now = time.time()
     for i in range(12):
@@ -289,7 +289,7 @@ async def test_the_full_read_steps_aside_while_a_scrape_is_in_flight(rdb, ardb):
 
 
 async def test_a_client_that_never_stops_scraping_slows_the_read_but_cannot_stop_it(rdb, ardb):
-    from exporter.registry import ScrapesFirst, read_details
+    from exporter.registrations.reader import ScrapesFirst, read_details
 
     now = time.time()
     for i in range(12):

@@ -14,7 +14,7 @@ import tempfile
 
 import pytest
 
-from exporter import protocol
+from exporter.lifecycle import protocol
 from tests.fault_helpers import Serve
 from tests.lifecycle_helpers import CHILD, ROOT
 
@@ -48,7 +48,7 @@ def python_for_others() -> str:
     """An interpreter that another user may run: this one, unless it lives in root's home."""
     for candidate in (sys.executable, "/usr/bin/python3"):
         # Through a shell running as that user: setpriv itself may still exec what root can.
-        ok = subprocess.run(as_user(ALLOWED, "/bin/sh", "-c", '"$0" -c "import exporter.launcher"', candidate),
+        ok = subprocess.run(as_user(ALLOWED, "/bin/sh", "-c", '"$0" -c "import exporter.lifecycle.launcher"', candidate),
                             cwd="/", env={"PYTHONPATH": str(ROOT)}, capture_output=True)
         if ok.returncode == 0:
             return candidate

@@ -15,8 +15,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from exporter.config import SocketConfig
-from exporter.sidecar import Sidecar
+from exporter.cli.options import SocketConfig
+from exporter.server.sidecar import Sidecar
 from tests.helpers import eventually, register_server
 from tests.lifecycle_helpers import HOST, ROOT, exits, metric, processes  # noqa: F401 - a fixture
 
@@ -59,7 +59,7 @@ async def closed_by_peer(reader: asyncio.StreamReader, timeout: float = 5.0) -> 
 
 async def test_a_deleted_socket_file_is_recreated_logged_and_counted_and_old_connections_go_on(
         make_config, tmp_socket, caplog):
-    caplog.set_level(logging.INFO, logger="exporter.lifesocket")
+    caplog.set_level(logging.INFO, logger="exporter.lifecycle.listener")
     async with Sidecar(make_config()) as sc:
         _, old = await asyncio.open_unix_connection(tmp_socket)
         old.write(hello(501))
@@ -94,7 +94,7 @@ async def test_a_deleted_socket_file_is_recreated_logged_and_counted_and_old_con
 @pytest.mark.parametrize("blocker", ["live socket", "regular file"])
 async def test_a_path_taken_by_something_else_is_not_stolen_and_readyz_fails_until_it_is_free(
         make_config, tmp_socket, caplog, blocker):
-    caplog.set_level(logging.INFO, logger="exporter.lifesocket")
+    caplog.set_level(logging.INFO, logger="exporter.lifecycle.listener")
     async with Sidecar(make_config()) as sc:
         # Replace the socket at once (no await in between: the sidecar cannot look meanwhile).
         os.unlink(tmp_socket)
@@ -248,7 +248,7 @@ async def test_recreating_the_socket_again_and_again_disturbs_no_other_connectio
     """A replaced listener is closed only once the event loop no longer watches it: a closed
     descriptor left in the selector breaks whichever socket next gets its number (here, the
     HTTP client's connections to the sidecar's own port)."""
-    monkeypatch.setattr("exporter.lifesocket.CHECK_INTERVAL", 0.01)
+    monkeypatch.setattr("exporter.lifecycle.listener.CHECK_INTERVAL", 0.01)
     async with Sidecar(make_config()) as sc:
         host, port = sc.http_address
         for i in range(1, 101):

@@ -19,12 +19,12 @@ import pytest
 import redis as redis_sync
 import redis.asyncio as redis_async
 
-from exporter import asynq
-from exporter.config import RedisConfig
-from exporter.health import RedisHealth
-from exporter.redis_server import RedisServer, free_port
-from exporter.redisconn import connect
-from exporter.sweep import (
+from exporter.asynq import model as asynq
+from exporter.cli.options import RedisConfig
+from exporter.redisio.health import RedisHealth
+from exporter.devtools.redis_server import RedisServer, free_port
+from exporter.redisio.connect import connect
+from exporter.cleanup.sweep import (
     LIST_AT_MOST, LOCK_KEY, Removed, SetSweep, SweepFailed, Sweeper, SweepReport, _not_own, _own_key,
     json_document,
 )

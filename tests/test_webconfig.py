@@ -15,9 +15,9 @@ import aiohttp
 import bcrypt
 import pytest
 
-from exporter import webconfig
-from exporter.sidecar import Sidecar
-from exporter.webconfig import BasicAuth, WebConfigError
+from exporter.server import webconfig
+from exporter.server.sidecar import Sidecar
+from exporter.server.webconfig import BasicAuth, WebConfigError
 from tests.conftest import require_tool
 from tests.helpers import samples
 from tests.pki import PKI, pki  # noqa: F401 - the fixture

@@ -20,12 +20,14 @@ from typing import Any, TextIO
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from exporter import asynq, logs
-from exporter.config import LogConfig, RedisConfig
-from exporter.health import REDIS_FAILURES
-from exporter.redisconn import connect, redis_time
+from exporter import logs
 
-log = logging.getLogger("exporter.audit")
+from exporter.asynq import model as asynq
+from exporter.cli.options import LogConfig, RedisConfig
+from exporter.redisio.health import REDIS_FAILURES
+from exporter.redisio.connect import connect, redis_time
+
+log = logging.getLogger("exporter.registrations.audit")
 
 EXIT_CLEAN, EXIT_EXPIRED, EXIT_UNREADABLE = 0, 1, 2
 

@@ -1,4 +1,4 @@
-"""The `asynq-sidecar` command line: one subcommand per job, options from exporter.config.
+"""The `asynq-sidecar` command line: one subcommand per job, options from exporter.cli.options.
 
 Each subcommand lives in its own module with a `run(values, args) -> int` function that is
 imported only when that subcommand runs, so `--help` and the launcher start fast.
@@ -14,34 +14,34 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from exporter import __version__
-from exporter.config import GROUPS, SERVE_OPTIONS, ConfigError, add_options, resolve
+from exporter.cli.options import GROUPS, SERVE_OPTIONS, ConfigError, add_options, resolve
 
 # command -> (module, help, option names)
 COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "serve": ("exporter.sidecar",
+    "serve": ("exporter.server.sidecar",
               "Run the sidecar: /metrics, the lifecycle socket, the cleanup of dead workers.",
               SERVE_OPTIONS),
-    "audit": ("exporter.audit",
+    "audit": ("exporter.registrations.audit",
               "List every registration in Redis, live or expired, without changing anything. "
               "Exit 0: nothing expired; 1: expired entries exist; 2: Redis cannot be read.",
               GROUPS["redis"] + ("json", "log-level", "log-format")),
-    "sweep": ("exporter.sweep",
+    "sweep": ("exporter.cleanup.sweep",
               "Remove registrations expired for longer than --grace from asynq:servers, "
               "asynq:workers and asynq:schedulers, with their per-server keys, in short batches "
               "under a lock. Exit 0: swept, or another sweep holds the lock (nothing done); "
               "1: the lock was lost mid-sweep; 2: Redis cannot be reached.",
               GROUPS["redis"] + ("grace", "sweep-batch", "dry-run", "json", "log-level", "log-format")),
-    "run": ("exporter.launcher",
+    "run": ("exporter.lifecycle.launcher",
             "Start a worker (-- CMD ARGS...) and report its lifecycle: hello, stopping on "
             "SIGTERM/SIGINT, exited; forward signals; exit with its status. --serve runs the "
             "sidecar in the same process.",
             SERVE_OPTIONS + ("serve",)),
-    "demo": ("exporter.demo",
+    "demo": ("exporter.devtools.demo",
              "Play the whole story on a private Redis: workers start, stop gracefully, get killed, "
              "leak their registration like asynq #979; the sidecar measures and cleans up. Exit 0 "
              "when every step behaved as expected.",
              ("listen", "hostname", "log-level", "log-format")),
-    "emulate": ("exporter.emulator",
+    "emulate": ("exporter.devtools.emulator",
                 "Run an emulated Asynq server that registers in Redis exactly as asynq does "
                 "(for the demo and tests).",
                 GROUPS["redis"] + GROUPS["log"]),

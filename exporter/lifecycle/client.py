@@ -28,9 +28,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from exporter import protocol
+from exporter.lifecycle import protocol
 
-log = logging.getLogger("exporter.client")
+log = logging.getLogger("exporter.lifecycle.client")
 
 DEFAULT_SOCKET = "/run/asynq-sidecar/lifecycle.sock"
 

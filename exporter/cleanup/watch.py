@@ -32,16 +32,16 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.asyncio import Redis
 
-from exporter import asynq
-from exporter.config import CleanupConfig
-from exporter.health import REDIS_FAILURES, RedisHealth
-from exporter.lifecycle import (Decision, RegistrationSeen, ServerIdReported, Worker, WorkerExited,
+from exporter.asynq import model as asynq
+from exporter.cli.options import CleanupConfig
+from exporter.redisio.health import REDIS_FAILURES, RedisHealth
+from exporter.lifecycle.tracker import (Decision, RegistrationSeen, ServerIdReported, Worker, WorkerExited,
                                 WorkerForgotten, WorkerStarted)
-from exporter.redisclock import RedisClock
-from exporter.removal import (ABSENT, KEPT, REMOVE_IF_UNCHANGED, REMOVED, Claim, Verdict, claim,
+from exporter.redisio.clock import RedisClock
+from exporter.cleanup.rule import (ABSENT, KEPT, REMOVE_IF_UNCHANGED, REMOVED, Claim, Verdict, claim,
                               verdict)
 
-log = logging.getLogger("exporter.cleanup")
+log = logging.getLogger("exporter.cleanup.watch")
 
 #: Reasons of asynq_sidecar_registrations_removed_total.
 REMOVAL_REASONS = ("worker_exit", "previous_incarnation", "sweep")

@@ -14,14 +14,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from exporter.lifecycle import (
+from exporter.lifecycle.tracker import (
     OUTCOMES, Decision, Rejected, Tracker, Worker, WorkerExited, WorkerForgotten, WorkerRunning,
     WorkerStarted, WorkerStopping,
 )
 from exporter.logs import RateLimiter
-from exporter.protocol import REASONS
+from exporter.lifecycle.protocol import REASONS
 
-log = logging.getLogger("exporter.lifecycle")
+log = logging.getLogger("exporter.lifecycle.tracker")
 
 #: Shutdown duration buckets: 0.1 s to 120 s, finest around asynq's 8 s default drain; 25 s
 #: (the default budget) and 30 s (Kubernetes' default grace period) are bounds too.

@@ -46,10 +46,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
-from exporter import asynq, logs
-from exporter.config import LogConfig, RedisConfig
-from exporter.health import REDIS_FAILURES, RedisHealth
-from exporter.redisconn import connect, redis_time
+from exporter import logs
+
+from exporter.asynq import model as asynq
+from exporter.cli.options import LogConfig, RedisConfig
+from exporter.redisio.health import REDIS_FAILURES, RedisHealth
+from exporter.redisio.connect import connect, redis_time
 
 try:
     from hiredis import pack_command as _pack_command
@@ -59,7 +61,7 @@ except ImportError:  # redis-py works without it (slower)
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-log = logging.getLogger("exporter.sweep")
+log = logging.getLogger("exporter.cleanup.sweep")
 
 LOCK_KEY = "asynq-sidecar:sweep:lock"
 #: The lock expires this long after its last refresh; a running sweep refreshes it every third.

@@ -18,19 +18,19 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from exporter import __version__, logs
-from exporter.config import ServeConfig
-from exporter.health import REDIS_FAILURES, RedisHealth
-from exporter.cleanup import Cleanup
-from exporter.http import build_app
-from exporter.lifecycle import Decision, Event, State, Tracker, WorkerForgotten
-from exporter.lifecycle_metrics import LifecycleLog, LifecycleMetrics
-from exporter.lifesocket import LifecycleSocket
-from exporter.metrics import RegistryCollector, new_registry
-from exporter.redisclock import RedisClock
-from exporter.redisconn import SentinelMaster, connect
-from exporter.registry import DetailsWatcher, RegistryCounts, ScrapesFirst
+from exporter.cli.options import ServeConfig
+from exporter.redisio.health import REDIS_FAILURES, RedisHealth
+from exporter.cleanup.watch import Cleanup
+from exporter.server.http import build_app
+from exporter.lifecycle.tracker import Decision, Event, State, Tracker, WorkerForgotten
+from exporter.metrics.lifecycle import LifecycleLog, LifecycleMetrics
+from exporter.lifecycle.listener import LifecycleSocket
+from exporter.metrics.registrations import RegistryCollector, new_registry
+from exporter.redisio.clock import RedisClock
+from exporter.redisio.connect import SentinelMaster, connect
+from exporter.registrations.reader import DetailsWatcher, RegistryCounts, ScrapesFirst
 
-log = logging.getLogger("exporter.sidecar")
+log = logging.getLogger("exporter.server.sidecar")
 
 #: The whole of a shutdown (HTTP, tasks, Redis) must end within this many seconds.
 SHUTDOWN_DEADLINE = 5.0
@@ -205,7 +205,7 @@ class Sidecar:
         self.spawn(self.cleanup.observe_forever(), "registration-observer")
         self.spawn(self.cleanup.remove_host_orphans(), "host-orphans")
         if cfg.cleanup.sweep_interval > 0:
-            from exporter.sweep import Sweeper, sweep_periodically  # only then: memory
+            from exporter.cleanup.sweep import Sweeper, sweep_periodically  # only then: memory
 
             sweeper = Sweeper(self.redis, self.health, grace=cfg.cleanup.sweep_grace,
                               batch=cfg.cleanup.sweep_batch, dry_run=cfg.cleanup.mode == "dry-run")

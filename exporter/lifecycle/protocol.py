@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from exporter.lifecycle import Bye, ConnId, Event, Exited, Hello, Ready, Registered, Stopping
+from exporter.lifecycle.tracker import Bye, ConnId, Event, Exited, Hello, Ready, Registered, Stopping
 
 VERSION = 1
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-    from exporter.sidecar import Sidecar
+    from exporter.server.sidecar import Sidecar
 
 #: How long each emulated worker drains after SIGTERM, in seconds (asynq's default is up to 8 s).
 DRAIN = 1.5
@@ -156,7 +156,7 @@ class Demo:
 
     async def wait_registered(self, w: Worker, timeout: float = 10.0) -> bool:
         """Until the worker's child process has a live registration in asynq:servers."""
-        from exporter import asynq
+        from exporter.asynq import model as asynq
 
         async def registered() -> bool:
             w.child_pid = w.child_pid or self.child_of(w)
@@ -171,7 +171,7 @@ class Demo:
         return await self.wait_for(registered, timeout)
 
     async def registration_gone(self, w: Worker) -> bool:
-        from exporter import asynq
+        from exporter.asynq import model as asynq
 
         return w.registration is not None and await self.redis.zscore(asynq.SERVERS, w.registration) is None
 
@@ -184,7 +184,7 @@ class Demo:
     # ------------------------------------------------------------ the story
 
     async def seed_leftovers(self) -> None:
-        from exporter import asynq
+        from exporter.asynq import model as asynq
 
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
@@ -250,7 +250,7 @@ class Demo:
         await self.show_registrations("now")
 
         p.step("6. A fleet sweep removes the old pods' leftovers (asynq-sidecar sweep)")
-        from exporter.sweep import Sweeper, registrations_removed
+        from exporter.cleanup.sweep import Sweeper, registrations_removed
 
         report = await Sweeper(self.redis, self.sidecar.health, grace=60).sweep_once()
         n = registrations_removed(report)
@@ -303,10 +303,10 @@ class Demo:
 
 async def run_demo(values: dict[str, Any], duration: float | None, out: TextIO, color: bool) -> int:
     from exporter import logs
-    from exporter.config import CleanupConfig, LogConfig, RedisConfig, ServeConfig, SocketConfig
-    from exporter.redis_server import RedisServer, RedisServerError
-    from exporter.redisconn import connect
-    from exporter.sidecar import Sidecar
+    from exporter.cli.options import CleanupConfig, LogConfig, RedisConfig, ServeConfig, SocketConfig
+    from exporter.devtools.redis_server import RedisServer, RedisServerError
+    from exporter.redisio.connect import connect
+    from exporter.server.sidecar import Sidecar
 
     # The story is the output; the sidecar's own log says only what went wrong unless asked.
     logs.setup(values["log_level"] if values.get("log_level_given") else "error", values["log_format"])

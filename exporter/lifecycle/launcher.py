@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 # Only the standard library (and light modules of ours) at module level: cli.py imports this
 # module to build its parser. The sidecar (aiohttp, redis, prometheus) loads only for --serve.
 if TYPE_CHECKING:
-    from exporter.config import ServeConfig
-    from exporter.lifecycle import Decision
-    from exporter.sidecar import Sidecar
+    from exporter.cli.options import ServeConfig
+    from exporter.lifecycle.tracker import Decision
+    from exporter.server.sidecar import Sidecar
 
-log = logging.getLogger("exporter.launcher")
+log = logging.getLogger("exporter.lifecycle.launcher")
 
 #: Signals passed on to the child.
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGTSTP, signal.SIGHUP, signal.SIGQUIT,
@@ -70,29 +70,29 @@ class InProcessReporter:
         sidecar.sinks.append(self)
 
     async def start(self, at: float | None = None) -> None:
-        from exporter.lifecycle import Hello
+        from exporter.lifecycle.tracker import Hello
 
         self._sidecar.submit(Hello(self.conn, pid=self.pid, host=self.host,
                                    started_at=self.started_at), at)
 
     async def ready(self, at: float | None = None) -> None:
-        from exporter.lifecycle import Ready
+        from exporter.lifecycle.tracker import Ready
 
         self._sidecar.submit(Ready(self.conn), at)
 
     async def stopping(self, signal: str | None = None, at: float | None = None) -> None:
-        from exporter.lifecycle import Stopping
+        from exporter.lifecycle.tracker import Stopping
 
         self._sidecar.submit(Stopping(self.conn, signal), at)
 
     async def exited(self, code: int | None = None, signal: str | None = None,
                      at: float | None = None) -> None:
-        from exporter.lifecycle import Exited
+        from exporter.lifecycle.tracker import Exited
 
         self._sidecar.submit(Exited(self.conn, code=code, signal=signal), at)
 
     async def close(self, timeout: float = 1.0) -> bool:
-        from exporter.lifecycle import Disconnected
+        from exporter.lifecycle.tracker import Disconnected
 
         self._sidecar.submit(Disconnected(self.conn))
         try:
@@ -106,7 +106,7 @@ class InProcessReporter:
 
     def handle(self, decision: Decision, now: float) -> None:
         """A sink, only to learn when the tracker is done with this connection."""
-        from exporter.lifecycle import WorkerForgotten
+        from exporter.lifecycle.tracker import WorkerForgotten
 
         if isinstance(decision, WorkerForgotten) and decision.worker.conn == self.conn:
             self._forgotten.set()
@@ -135,14 +135,14 @@ async def launch(cmd: Sequence[str], *, host: str, socket_path: str | None = Non
     try:
         async with AsyncExitStack() as stack:
             if serve is not None:
-                from exporter.sidecar import Sidecar
+                from exporter.server.sidecar import Sidecar
 
                 sidecar = await stack.enter_async_context(Sidecar(serve))
 
                 def reporter_for(pid: int, started_at: float) -> Reporter:
                     return InProcessReporter(sidecar, host=host, pid=pid, started_at=started_at)
             else:
-                from exporter.client import DEFAULT_SOCKET, LifecycleClient
+                from exporter.lifecycle.client import DEFAULT_SOCKET, LifecycleClient
 
                 path = socket_path or DEFAULT_SOCKET
 
@@ -214,7 +214,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(values: dict[str, Any], args: argparse.Namespace) -> int:
     from exporter import logs
-    from exporter.config import LogConfig, ServeConfig
+    from exporter.cli.options import LogConfig, ServeConfig
 
     cmd = list(args.worker_command)
     if cmd[:1] == ["--"]:

@@ -15,9 +15,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from exporter import __version__, asynq
-from exporter.health import RedisHealth
-from exporter.registry import DetailsWatcher, RegistryCounts
+from exporter import __version__
+
+from exporter.asynq import model as asynq
+from exporter.redisio.health import RedisHealth
+from exporter.registrations.reader import DetailsWatcher, RegistryCounts
 
 # `_created` series double the series count and are not used by the dashboards or alerts.
 prometheus_client.disable_created_metrics()

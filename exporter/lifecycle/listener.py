@@ -23,12 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from exporter import protocol
-from exporter.config import SocketConfig
-from exporter.lifecycle import Disconnected, Event, Hello
+from exporter.lifecycle import protocol
+from exporter.cli.options import SocketConfig
+from exporter.lifecycle.tracker import Disconnected, Event, Hello
 from exporter.logs import RateLimiter
 
-log = logging.getLogger("exporter.lifesocket")
+log = logging.getLogger("exporter.lifecycle.listener")
 
 #: Lines accepted on one connection; a worker's whole life takes about five.
 MAX_MESSAGES = 256

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from redis.asyncio import Redis
 
-from exporter.redisconn import redis_time
+from exporter.redisio.connect import redis_time
 
 
 class RedisClock:

@@ -3,7 +3,7 @@
 The facts come from hibiken/asynq v0.26.0 (internal/base/base.go, internal/rdb/rdb.go,
 heartbeat.go); docs/asynq-registration.md repeats them with sources.
 
-ServerInfo, the one message `serve` reads, is decoded by exporter.pbwire without the protobuf
+ServerInfo, the one message `serve` reads, is decoded by exporter.asynq.pbwire without the protobuf
 runtime (about 3 MiB per sidecar); the other messages, and every encoder (the emulator, tests),
 import the runtime when first used.
 """
@@ -16,7 +16,7 @@ from typing import Literal
 
 from typing import TYPE_CHECKING
 
-from exporter import pbwire
+from exporter.asynq import pbwire
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -152,8 +152,8 @@ class SchedulerEntry:
 
 
 def _pb() -> ModuleType:
-    """exporter.asynqpb, the protobuf runtime's messages: imported on first use."""
-    from exporter import asynqpb
+    """exporter.asynq.proto, the protobuf runtime's messages: imported on first use."""
+    from exporter.asynq import proto as asynqpb
 
     return asynqpb
 

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from exporter.logs import RateLimiter
 
-log = logging.getLogger("exporter.webconfig")
+log = logging.getLogger("exporter.server.webconfig")
 
 #: Paths served without basic auth (TLS, when configured, still applies to them).
 OPEN_PATHS = frozenset({"/healthz"})

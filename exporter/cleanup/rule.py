@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import enum
 
-from exporter.lifecycle import Worker
+from exporter.lifecycle.tracker import Worker
 
 #: A registration started within a worker's life when its ServerInfo.start_time is no earlier
 #: than the worker's start less this many seconds. The worker, its launcher and the sidecar of a

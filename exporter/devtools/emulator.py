@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-    from exporter.asynq import Member
+    from exporter.asynq.model import Member
 
-log = logging.getLogger("exporter.emulator")
+log = logging.getLogger("exporter.devtools.emulator")
 
 #: The task type of the emulated in-flight tasks.
 TASK_TYPE = "emulator:task"
@@ -90,7 +90,7 @@ class Emulator:
 
     def __init__(self, redis: Redis, config: EmulatorConfig, *,
                  clock: Callable[[], float] = time.time) -> None:
-        from exporter import asynq
+        from exporter.asynq import model as asynq
 
         self.redis = redis
         self.config = config
@@ -107,7 +107,7 @@ class Emulator:
     # ------------------------------------------------------------ what a beat writes
 
     def server_info_bytes(self) -> bytes:
-        from exporter import asynq
+        from exporter.asynq import model as asynq
 
         c = self.config
         return asynq.encode_server_info(asynq.ServerInfo(
@@ -117,7 +117,7 @@ class Emulator:
         ))
 
     def worker_info_bytes(self, task: EmulatedTask) -> bytes:
-        from exporter import asynq
+        from exporter.asynq import model as asynq
 
         c = self.config
         return asynq.encode_worker_info(asynq.WorkerInfo(
@@ -162,7 +162,7 @@ class Emulator:
                  self.server_member.tag, self.config.concurrency, len(self.tasks))
 
     async def _beat_logged(self) -> None:
-        from exporter.health import REDIS_FAILURES
+        from exporter.redisio.health import REDIS_FAILURES
 
         try:
             await self.beat()
@@ -208,7 +208,7 @@ class Emulator:
         if self.config.on_exit == "leak":
             log.info("exiting without clearing the registration (leak mode, as in asynq #979)")
             return False
-        from exporter.health import REDIS_FAILURES
+        from exporter.redisio.health import REDIS_FAILURES
 
         try:
             await self.clear()
@@ -232,7 +232,7 @@ def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """Adapt a config parser to argparse, which then names the flag and the bad value."""
 
     def convert(text: str) -> Any:
-        from exporter.config import ConfigError
+        from exporter.cli.options import ConfigError
 
         try:
             return parse(text)
@@ -245,7 +245,7 @@ def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 def parse_queues(text: str) -> dict[str, int]:
     """`default=1,critical=6` -> {"default": 1, "critical": 6} (asynq's Config.Queues)."""
-    from exporter.config import ConfigError
+    from exporter.cli.options import ConfigError
 
     queues: dict[str, int] = {}
     for part in text.split(","):
@@ -257,7 +257,7 @@ def parse_queues(text: str) -> dict[str, int]:
 
 
 def _whole_seconds(text: str) -> int:
-    from exporter.config import ConfigError, positive_int
+    from exporter.cli.options import ConfigError, positive_int
 
     try:
         return positive_int(text)
@@ -266,7 +266,7 @@ def _whole_seconds(text: str) -> int:
 
 
 def _count(text: str) -> int:
-    from exporter.config import ConfigError
+    from exporter.cli.options import ConfigError
 
     if not text.strip().isdigit():
         raise ConfigError("expected a whole number, 0 or more")
@@ -274,7 +274,7 @@ def _count(text: str) -> int:
 
 
 def _pid(text: str) -> int:
-    from exporter.config import ConfigError, positive_int
+    from exporter.cli.options import ConfigError, positive_int
 
     value = positive_int(text)
     if value > 2**31 - 1:
@@ -284,7 +284,7 @@ def _pid(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The emulator's own flags (the Redis and log flags come from the option table)."""
-    from exporter.config import nonempty, one_of, positive_int, positive_seconds, seconds_or_zero
+    from exporter.cli.options import nonempty, one_of, positive_int, positive_seconds, seconds_or_zero
 
     g = parser.add_argument_group("emulated server")
     g.add_argument("--host", type=_arg(nonempty), default=None, metavar="NAME",
@@ -342,7 +342,7 @@ LATE_BEAT_AFTER = 0.05
 def run(values: dict[str, Any], args: argparse.Namespace) -> int:
     """Exit 0 after a graceful or leaking shutdown, 1 when Redis fails at start, 2 on bad flags."""
     from exporter import logs
-    from exporter.config import LogConfig
+    from exporter.cli.options import LogConfig
 
     log_cfg = LogConfig.from_values(values)
     logs.setup(log_cfg.level, log_cfg.format)
@@ -356,9 +356,9 @@ def run(values: dict[str, Any], args: argparse.Namespace) -> int:
 
 async def _main(values: dict[str, Any], config: EmulatorConfig, *, socket_path: str | None = None,
                 report_id: bool = True) -> int:
-    from exporter.config import RedisConfig
-    from exporter.health import REDIS_FAILURES
-    from exporter.redisconn import connect
+    from exporter.cli.options import RedisConfig
+    from exporter.redisio.health import REDIS_FAILURES
+    from exporter.redisio.connect import connect
 
     redis_cfg = RedisConfig.from_values(values)
     redis = connect(redis_cfg)
@@ -380,7 +380,7 @@ async def _main(values: dict[str, Any], config: EmulatorConfig, *, socket_path: 
         loop.add_signal_handler(sig, on_signal, sig)
     client = None
     if socket_path is not None:
-        from exporter.client import LifecycleClient
+        from exporter.lifecycle.client import LifecycleClient
 
         client = LifecycleClient(socket_path, host=config.host, pid=config.pid, started_at=time.time(),
                                  shutdown_timeout=config.drain)

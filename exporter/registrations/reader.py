@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from exporter import asynq
-from exporter.health import REDIS_FAILURES, RedisHealth
+from exporter.asynq import model as asynq
+from exporter.redisio.health import REDIS_FAILURES, RedisHealth
 
-log = logging.getLogger("exporter.registry")
+log = logging.getLogger("exporter.registrations.reader")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ import redis.asyncio as redis_async
 
 from bench.core import MISS, PASS, Report, Row, load_registrations, median, percentile, private_redis
 from exporter.asynq import model as asynq
-from exporter.cleanup.watch import RegistrationStore
+from exporter.cleanup.store import RegistrationStore
+from exporter.redisio.clock import RedisClock
 
 BACKLOG = 1_000_000
 LIVE_FLEET = 1_000
@@ -32,7 +33,7 @@ async def _scan(client: redis_async.Redis, host: str, pid: int) -> set[bytes]:
 
 async def _time_finds(url: str, host: str, pid: int, want: str, looks: int, by_score: bool) -> list[float]:
     client = redis_async.Redis.from_url(url)
-    store = RegistrationStore(client)
+    store = RegistrationStore(client, RedisClock(), lambda coro, name: asyncio.ensure_future(coro))
     out = []
     try:
         for _ in range(looks):

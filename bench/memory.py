@@ -18,6 +18,7 @@ from bench.core import (
     judge, launcher_available, load_registrations, median, metric, metric_sum, private_redis,
     python_env, rss_bytes, stop_process, wait_until, workdir,
 )
+from exporter.cleanup.confirm import CONFIRM_AFTER
 from exporter.asynq import model as asynq
 from exporter.devtools.redis_server import free_port
 
@@ -166,11 +167,9 @@ async def _cycles(url: str, socket_path: str, pids: range, concurrency: int = 8)
 
 def _settle_seconds() -> float:
     """How long after the last cycle the sidecar still holds work for it: each removal is read
-    back CONFIRM_AFTER seconds later (a task per removal), if this version does that; then 2 s
-    for the last cleanups to finish and connections to close."""
-    from exporter.cleanup import watch as cleanup
-
-    return float(getattr(cleanup, "CONFIRM_AFTER", 0.0)) + 2.0
+    back CONFIRM_AFTER seconds later (a task per removal); then 2 s for the last cleanups to
+    finish and connections to close."""
+    return CONFIRM_AFTER + 2.0
 
 
 def _settled_rss(pid: int) -> float:

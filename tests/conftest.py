@@ -10,7 +10,7 @@ import pytest
 import redis as redis_sync
 import redis.asyncio as redis_async
 
-from exporter.cli.options import CleanupConfig, LogConfig, RedisConfig, ServeConfig, SocketConfig
+from exporter.settings import CleanupConfig, LogConfig, RedisConfig, ServeConfig, SocketConfig
 from exporter.devtools.redis_server import RedisServer
 
 IN_CI = os.environ.get("CI", "").lower() == "true"

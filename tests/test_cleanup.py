@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter.asynq import model as asynq
-from exporter.cleanup.watch import RegistrationStore
+from exporter.cleanup.store import RegistrationStore
+from exporter.redisio.clock import RedisClock
 from exporter.cleanup.rule import ABSENT, KEPT, REMOVED, Verdict
-from exporter.cli.options import CleanupConfig, RedisConfig
+from exporter.settings import CleanupConfig, RedisConfig
 from exporter.lifecycle.tracker import Bye, Disconnected, Exited, Hello, State
 from exporter.devtools.redis_server import RedisServer
 from exporter.server.sidecar import Sidecar
@@ -93,15 +94,16 @@ async def test_a_clean_exit_0_that_leaves_the_registration_is_a_leak_asynq_979(r
 
 
 async def test_a_worker_that_deregistered_itself_is_not_a_leak(rdb, make_config):
-    async with Sidecar(make_config()) as sc:
+    settled = asyncio.Event()
+    async with Sidecar(make_config(), on_cleanup_settled=settled.set) as sc:
         conn, m = await start_worker(sc, rdb, 1, "s1")
         # asynq's ClearServerState, then the process exits 0
         rdb.zrem(asynq.SERVERS, m.key)
         rdb.zrem(asynq.WORKERS, m.sibling("workers").key)
         rdb.delete(m.key, m.sibling("workers").key)
-        sc.cleanup.done.clear()
+        settled.clear()
         sc.submit(Exited(conn, code=0))
-        await eventually(sc.cleanup.done.is_set, what="cleanup finished")
+        await eventually(settled.is_set, what="cleanup finished")
         assert metric(sc, "asynq_sidecar_leaked_registrations_total") == 0
         assert metric(sc, "asynq_sidecar_registrations_removed_total", reason="worker_exit") == 0
 
@@ -170,7 +172,8 @@ async def test_only_the_dead_workers_registration_goes(rdb, make_config):
 
 
 async def test_a_newer_incarnation_is_not_claimed_by_the_dead_worker(rdb, make_config):
-    async with Sidecar(make_config(cleanup=CleanupConfig(settle=0.3))) as sc:
+    settled = asyncio.Event()
+    async with Sidecar(make_config(cleanup=CleanupConfig(settle=0.3)), on_cleanup_settled=settled.set) as sc:
         conn = sc.new_conn_id()
         sc.submit(Hello(conn, pid=1, host=HOST, started_at=time.time()))
         await eventually(lambda: conn in sc.tracker.workers, what="hello applied")
@@ -178,20 +181,21 @@ async def test_a_newer_incarnation_is_not_claimed_by_the_dead_worker(rdb, make_c
         # worker's cleanup looks, but it started after that worker's exit.
         exit_at = time.time()
         newer = register_server(rdb, HOST, 1, "newer", exit_at + 10, start_time=exit_at + 0.5)
-        sc.cleanup.done.clear()
+        settled.clear()
         sc.submit(Exited(conn, signal="SIGKILL"), at=exit_at)  # died before registering
-        await eventually(sc.cleanup.done.is_set, what="cleanup finished")
+        await eventually(settled.is_set, what="cleanup finished")
         assert registration_present(rdb, newer) and rdb.exists(newer.key)
         assert metric(sc, "asynq_sidecar_leaked_registrations_total") == 0
 
 
 @pytest.mark.parametrize("mode", ["dry-run", "off"])
 async def test_dry_run_and_off_count_the_leak_but_remove_nothing(rdb, make_config, mode):
-    async with Sidecar(make_config(cleanup=CleanupConfig(mode=mode, host_pids_unique=True))) as sc:
+    settled = asyncio.Event()
+    async with Sidecar(make_config(cleanup=CleanupConfig(mode=mode, host_pids_unique=True)), on_cleanup_settled=settled.set) as sc:
         conn, m = await start_worker(sc, rdb, 1, "s1")
-        sc.cleanup.done.clear()
+        settled.clear()
         sc.submit(Exited(conn, signal="SIGKILL"))
-        await eventually(sc.cleanup.done.is_set, what="cleanup finished")
+        await eventually(settled.is_set, what="cleanup finished")
         assert registration_present(rdb, m)
         assert metric(sc, "asynq_sidecar_leaked_registrations_total") == 1
         expected = 1 if mode == "dry-run" else 0
@@ -245,7 +249,7 @@ def test_interleavings_never_remove_an_entry_that_beat_after_the_decision(redis_
 
     async def scenario() -> None:
         client = redis_async.Redis.from_url(redis_url)
-        store = RegistrationStore(client)
+        store = RegistrationStore(client, RedisClock(), lambda coro, name: asyncio.ensure_future(coro))
         m = asynq.server_member("h", 1, "s")
         await client.delete(asynq.SERVERS, asynq.WORKERS, m.key, m.sibling("workers").key)
         score, alive, seen, beat_since_decision = 1000, True, None, False
@@ -305,12 +309,14 @@ async def test_on_stop_the_sidecar_lingers_until_the_worker_exited_and_was_clean
 async def test_lingering_waits_for_a_final_scrape_when_something_scrapes(rdb, make_config):
     from tests.helpers import scrape, value
 
-    async with Sidecar(make_config(cleanup=UNIQUE)) as sc:
+    settled = asyncio.Event()
+
+    async with Sidecar(make_config(cleanup=UNIQUE), on_cleanup_settled=settled.set) as sc:
         conn, _ = await start_worker(sc, rdb, 1, "s1")
         await scrape(sc.http_url)  # a Prometheus scrapes this sidecar
         sc.submit(Exited(conn, code=0))
         lingering = asyncio.create_task(sc.linger(10))
-        await eventually(sc.cleanup.done.is_set, what="the cleanup")
+        await eventually(settled.is_set, what="the cleanup")
         await asyncio.sleep(0.2)
         assert not lingering.done()  # the exit has not been scraped yet
         text = await scrape(sc.http_url)
@@ -423,12 +429,13 @@ async def test_a_live_server_of_the_same_host_and_pid_that_registered_first_surv
 
 
 async def test_a_worker_with_two_servers_leaves_neither_behind(rdb, make_config):
-    async with Sidecar(make_config(cleanup=CleanupConfig(settle=0.3, host_pids_unique=True))) as sc:
+    settled = asyncio.Event()
+    async with Sidecar(make_config(cleanup=CleanupConfig(settle=0.3, host_pids_unique=True)), on_cleanup_settled=settled.set) as sc:
         conn, first = await start_worker(sc, rdb, 1, "first")
         second = register_server(rdb, HOST, 1, "second", time.time() + 10)
-        sc.cleanup.done.clear()
+        settled.clear()
         sc.submit(Exited(conn, signal="SIGKILL"))
-        await eventually(sc.cleanup.done.is_set, timeout=5, what="cleanup finished")
+        await eventually(settled.is_set, timeout=5, what="cleanup finished")
         assert gone_entirely(rdb, first) and gone_entirely(rdb, second)
         assert metric(sc, "asynq_sidecar_registrations_removed_total", reason="worker_exit") == 2
 
@@ -493,7 +500,7 @@ async def test_a_hello_naming_another_host_gets_nothing_removed(rdb, make_config
         conn = sc.new_conn_id()
         sc.submit(Hello(conn, pid=1, host="some-other-pod", started_at=time.time() - 60))
         await eventually(lambda: conn in sc.tracker.workers, what="hello applied")
-        assert conn not in sc.cleanup.watches  # tracked, but never watched: no cleanup can follow
+        assert conn not in sc.cleanup.observer.watches  # tracked, but never watched: no cleanup can follow
         sc.submit(Exited(conn, signal="SIGKILL"))
         await eventually(lambda: sc.tracker.workers[conn].state is State.EXITED, what="exit applied")
         assert sc.cleanup.idle
@@ -580,7 +587,7 @@ def test_generated_fleets_lose_every_dead_registration_and_keep_every_live_one(r
 def generated_config(redis_url: str, unique: bool):
     import tempfile
 
-    from exporter.cli.options import LogConfig, ServeConfig, SocketConfig
+    from exporter.settings import LogConfig, ServeConfig, SocketConfig
 
     return ServeConfig(redis=RedisConfig(url=redis_url, timeout=1.0), listen=("127.0.0.1", 0),
                        socket=SocketConfig(path=tempfile.mktemp(prefix="s", dir="/tmp")), log=LogConfig(),

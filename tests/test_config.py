@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from exporter.cli import configs
 from exporter.cli import options as config
+from exporter.cli.docs import markdown
 from exporter.cli.main import COMMAND_OPTIONS, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +54,7 @@ def test_flag_beats_environment_and_environment_beats_default():
 def test_password_never_appears_in_repr_or_display(tmp_path):
     pw = tmp_path / "pw"
     pw.write_text("s3cret\n")
-    cfg = config.RedisConfig.from_values({"redis_url": "redis://user:inurl@r:6379/0",
+    cfg = configs.redis_config({"redis_url": "redis://user:inurl@r:6379/0",
                                           "redis_password_file": str(pw), "redis_timeout": 1.0})
     assert cfg.password == "s3cret"
     assert "s3cret" not in repr(cfg) and "inurl" not in repr(cfg)
@@ -69,8 +71,8 @@ def test_help_lists_every_variable():
 
 def test_configuration_doc_is_generated_from_the_table():
     doc = (ROOT / "docs" / "configuration.md").read_text()
-    assert doc == config.markdown(COMMAND_OPTIONS), (
-        "docs/configuration.md is stale: python -m exporter.cli.options --markdown > docs/configuration.md")
+    assert doc == markdown(COMMAND_OPTIONS), (
+        "docs/configuration.md is stale: python -m exporter.cli.docs > docs/configuration.md")
 
 
 def test_main_returns_2_on_missing_command(capsys):

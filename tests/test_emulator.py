@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from exporter.asynq import model as asynq
-from exporter.devtools.emulator import TASK_TIMEOUT, TASK_TYPE, Emulator, EmulatorConfig
+from exporter.devtools.emulator import TASK_TIMEOUT, TASK_TYPE, Emulator
+from exporter.settings import EmulatorConfig
 from exporter.devtools.redis_server import free_port
 from tests.helpers import eventually, wait_until
 
@@ -236,7 +237,8 @@ def test_defaults_register_this_process(rdb, spawn):
     member = wait_until(lambda: rdb.zrange(asynq.SERVERS, 0, -1), what="a registration")[0]
     parsed = asynq.parse_member(member)
     assert (parsed.host, parsed.pid) == (socket.gethostname(), proc.pid)
-    info = asynq.decode_server_info(rdb.get(parsed.key))
+    # A beat adds the members before it writes the ServerInfo, as asynq's does.
+    info = asynq.decode_server_info(wait_until(lambda: rdb.get(parsed.key), what="its ServerInfo"))
     assert (info.concurrency, info.queues, info.active_worker_count) == (10, {"default": 1}, 0)
     assert 5 <= rdb.zscore(asynq.SERVERS, member) - time.time() <= 10
     proc.send_signal(signal.SIGINT)

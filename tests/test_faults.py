@@ -19,7 +19,7 @@ import redis as redis_sync
 import redis.asyncio as redis_async
 
 from exporter.asynq import model as asynq
-from exporter.cli.options import CleanupConfig, RedisConfig
+from exporter.settings import CleanupConfig, RedisConfig
 from exporter.server.sidecar import Sidecar
 from tests.fault_helpers import (  # noqa: F401 - faults and processes are fixtures
     Bystander, faults, gone_entirely, rss_kib, start_worker)
@@ -347,13 +347,13 @@ async def test_a_crash_loop_leaves_no_state_behind_in_the_sidecar(make_config, r
     cfg = make_config(hostname=HOST, cleanup=CleanupConfig(settle=0.2),
                       redis=RedisConfig(url=redis_url, timeout=1.0))
     async with Sidecar(cfg) as sc:
-        sc.cleanup.confirm_after = 0.05  # read each removal back at once, so those tasks end too
+        sc.cleanup.confirmations.after = 0.05  # read each removal back at once, so those tasks end too
         permanent = set(sc._tasks)
         lived = await crash_loop(tmp_socket, redis_url, lanes=8, lives=40)
 
         def state() -> dict:
             return dict(starts=metric_value(sc, "asynq_sidecar_worker_starts_total"),
-                        workers=len(sc.tracker.workers), watches=len(sc.cleanup.watches),
+                        workers=len(sc.tracker.workers), watches=len(sc.cleanup.observer.watches),
                         idle=sc.cleanup.idle, connections=sc.lifesocket.open_connections,
                         tasks=sorted(t.get_name() for t in set(sc._tasks) - permanent)[:5])
         empty = dict(starts=lived, workers=0, watches=0, idle=True, connections=0, tasks=[])

@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter.lifecycle import protocol
-from exporter.cli.options import OPTIONS, ConfigError, SocketConfig
+from exporter.cli.options import OPTIONS, ConfigError
+from exporter.settings import SocketConfig
 from exporter.lifecycle.tracker import Bye, Exited, Hello, Ready, Registered, State, Stopping
 from exporter.lifecycle.protocol import MAX_LINE, Invalid, Message, parse
 from exporter.server.sidecar import Sidecar

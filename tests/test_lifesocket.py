@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.cli.options import SocketConfig
+from exporter.settings import SocketConfig
 from exporter.lifecycle.listener import MAX_MESSAGES, SocketInUseError
 from exporter.server.sidecar import Sidecar
 from tests.helpers import eventually, scrape, value

@@ -24,8 +24,9 @@ import redis.cluster
 
 from exporter.asynq import model as asynq
 from exporter.registrations.audit import read_report
-from exporter.cli.options import CleanupConfig, RedisConfig
-from exporter.devtools.emulator import Emulator, EmulatorConfig
+from exporter.settings import CleanupConfig, RedisConfig
+from exporter.devtools.emulator import Emulator
+from exporter.settings import EmulatorConfig
 from exporter.redisio.health import RedisHealth
 from exporter.lifecycle.tracker import Disconnected, Exited, Hello, State
 from exporter.devtools.redis_server import RedisServerError, free_port
@@ -448,7 +449,7 @@ async def test_a_removal_undone_by_a_failover_is_redone_but_a_live_one_is_not(rd
     took the write with it, and the registration is back as it was. It is read back later and
     removed again; one that beat since (a live server) is left alone."""
     async with Sidecar(make_config(cleanup=CleanupConfig(host_pids_unique=True))) as sc:
-        sc.cleanup.confirm_after = 2.0  # after the exits' cleanups have stopped looking
+        sc.cleanup.confirmations.after = 2.0  # after the exits' cleanups have stopped looking
         lost_conn, lost = await start_worker(sc, rdb, 11, "lost-write")
         kept_conn, kept = await start_worker(sc, rdb, 12, "beats-again")
         scores = {m.key: rdb.zscore(asynq.SERVERS, m.key) for m in (lost, kept)}

@@ -12,7 +12,7 @@ import time
 import aiohttp
 import pytest
 
-from exporter.cli.options import RedisConfig
+from exporter.settings import RedisConfig
 from exporter.devtools.redis_server import RedisServer, free_port
 from exporter.server.sidecar import Sidecar
 from tests.conftest import require_tool
@@ -154,7 +154,8 @@ def test_serve_process_stops_within_a_second_on_sigterm(redis_url, tmp_path):
 async def test_scrape_shows_exactly_what_emulated_asynq_servers_registered(ardb, make_config):
     """Servers registered by the emulator (asynq's heartbeat, byte for byte): three live, two
     whose last beat was long ago (killed: their ZSET members stay, their keys expired)."""
-    from exporter.devtools.emulator import Emulator, EmulatorConfig
+    from exporter.devtools.emulator import Emulator
+    from exporter.settings import EmulatorConfig
 
     live = [Emulator(ardb, EmulatorConfig(host="pod-a", pid=i, server_id=f"live-{i}", concurrency=5 * i,
                                           tasks=i)) for i in (1, 2, 3)]
@@ -190,7 +191,7 @@ async def test_server_status_label_values_stay_bounded(rdb, make_config):
 
 
 async def test_one_sidecar_of_the_fleet_reads_the_details_and_the_others_share_them(rdb, make_config, tmp_path):
-    from exporter.cli.options import SocketConfig
+    from exporter.settings import SocketConfig
 
     now = time.time()
     for i in range(5):
@@ -235,7 +236,7 @@ async def test_one_sidecar_of_the_fleet_reads_the_details_and_the_others_share_t
 
 
 async def test_sharing_off_makes_every_sidecar_read_for_itself(rdb, make_config, tmp_path):
-    from exporter.cli.options import SocketConfig
+    from exporter.settings import SocketConfig
 
     register_server(rdb, "a", 1, "s", time.time() + 10)
     cfgs = [make_config(details_sharing=False, socket=SocketConfig(path=str(tmp_path / f"{i}.sock")))

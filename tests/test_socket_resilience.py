@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from exporter.cli.options import SocketConfig
+from exporter.settings import SocketConfig
 from exporter.server.sidecar import Sidecar
 from tests.helpers import eventually, register_server
 from tests.lifecycle_helpers import HOST, ROOT, exits, metric, processes  # noqa: F401 - a fixture

@@ -20,7 +20,7 @@ import redis as redis_sync
 import redis.asyncio as redis_async
 
 from exporter.asynq import model as asynq
-from exporter.cli.options import RedisConfig
+from exporter.settings import RedisConfig
 from exporter.redisio.health import RedisHealth
 from exporter.devtools.redis_server import RedisServer, free_port
 from exporter.redisio.connect import connect

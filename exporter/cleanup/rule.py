@@ -25,6 +25,7 @@ advanced past the score seen when deciding (a heartbeat since means a live owner
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 from exporter.lifecycle.tracker import Worker
 
@@ -96,3 +97,28 @@ return redis.call('ZREM', KEYS[1], ARGV[1])
 """
 
 REMOVED, KEPT, ABSENT = 1, 0, -1
+
+
+def judged(found: Claim, *, doubted: bool, done: bool) -> Verdict:
+    """`verdict()`, except that a registration that moved after it was taken for a dead
+    worker's (`doubted`: a live server may own it) goes only once expired."""
+    return Verdict.WHEN_EXPIRED if doubted else verdict(found, done=done)
+
+
+@dataclass(frozen=True)
+class Step:
+    """What to do now with one registration a departed worker left, given its score."""
+
+    remove: Verdict | None  # run the removal script in this mode; None: nothing now
+    wake: float | None = None  # not yet expired: seconds until it would be (and is worth a look)
+
+
+def step(how: Verdict, score: float | None, now: float, settle: float) -> Step:
+    """The next step for a registration judged `how`, whose score (expiry) is `score` (None:
+    gone) at Redis time `now`. A WHEN_EXPIRED registration waits until `now` is past its
+    expiry by more than `settle`; the removal script checks that again in Redis."""
+    if how is Verdict.LEAVE or score is None:
+        return Step(None)
+    if how is Verdict.WHEN_EXPIRED and score + settle >= now:
+        return Step(None, wake=score + settle - now + 0.05)
+    return Step(how)

@@ -32,7 +32,6 @@ failed mid-sweep.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -46,10 +45,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
-from exporter import logs
 
 from exporter.asynq import model as asynq
-from exporter.cli.options import LogConfig, RedisConfig
+from exporter.settings import RedisConfig, SweepConfig
 from exporter.redisio.health import REDIS_FAILURES, RedisHealth
 from exporter.redisio.connect import connect, redis_time
 
@@ -638,19 +636,16 @@ def _json_strings(strings: list[str]) -> str:
 # ---------------------------------------------------------------- command
 
 
-def run(values: dict[str, Any], args: argparse.Namespace) -> int:
-    log_cfg = LogConfig.from_values(values)
-    logs.setup(log_cfg.level, log_cfg.format)
-    redis_cfg = RedisConfig.from_values(values)
+def run(cfg: SweepConfig) -> int:
     try:
-        report = asyncio.run(_sweep(redis_cfg, grace=values["grace"], dry_run=values["dry_run"],
-                                    batch=values["sweep_batch"], list_members=values["json"]))
+        report = asyncio.run(_sweep(cfg.redis, grace=cfg.grace, dry_run=cfg.dry_run, batch=cfg.batch,
+                                    list_members=cfg.json))
     except SweepFailed as e:
         report = e.report
         done = f" after removing {report.removed} registration(s)" if report.removed else ""
-        sys.stderr.write(f"asynq-sidecar sweep: Redis at {redis_cfg.display_url} failed{done}: "
+        sys.stderr.write(f"asynq-sidecar sweep: Redis at {cfg.redis.display_url} failed{done}: "
                          f"{report.error}\n")
-    if values["json"]:
+    if cfg.json:
         sys.stdout.write(json_document(report.to_json()) + "\n")
     elif not report.error or report.removed:
         print_report(report, sys.stdout)

@@ -1,7 +1,9 @@
-"""The `asynq-sidecar` command line: one subcommand per job, options from exporter.cli.options.
+"""The `asynq-sidecar` command line: one subcommand per job.
 
-Each subcommand lives in its own module with a `run(values, args) -> int` function that is
-imported only when that subcommand runs, so `--help` and the launcher start fast.
+Each subcommand's code lives in its own module with a `run(config) -> int` function; the module
+is imported (by name, through `importlib`) only when that subcommand runs, so `--help` and the
+launcher start fast. Everything before that, parsing and building the typed config, uses only the
+option table (`exporter.cli.options`), the arguments of `exporter.cli.arguments` and the settings.
 """
 
 from __future__ import annotations
@@ -10,71 +12,79 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
-from exporter import __version__
+from exporter import __version__, logs
+from exporter.cli import arguments, configs
 from exporter.cli.options import GROUPS, SERVE_OPTIONS, ConfigError, add_options, resolve
+from exporter.settings import LogConfig
 
-# command -> (module, help, option names)
-COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "serve": ("exporter.server.sidecar",
-              "Run the sidecar: /metrics, the lifecycle socket, the cleanup of dead workers.",
-              SERVE_OPTIONS),
-    "audit": ("exporter.registrations.audit",
-              "List every registration in Redis, live or expired, without changing anything. "
-              "Exit 0: nothing expired; 1: expired entries exist; 2: Redis cannot be read.",
-              GROUPS["redis"] + ("json", "log-level", "log-format")),
-    "sweep": ("exporter.cleanup.sweep",
-              "Remove registrations expired for longer than --grace from asynq:servers, "
-              "asynq:workers and asynq:schedulers, with their per-server keys, in short batches "
-              "under a lock. Exit 0: swept, or another sweep holds the lock (nothing done); "
-              "1: the lock was lost mid-sweep; 2: Redis cannot be reached.",
-              GROUPS["redis"] + ("grace", "sweep-batch", "dry-run", "json", "log-level", "log-format")),
-    "run": ("exporter.lifecycle.launcher",
-            "Start a worker (-- CMD ARGS...) and report its lifecycle: hello, stopping on "
-            "SIGTERM/SIGINT, exited; forward signals; exit with its status. --serve runs the "
-            "sidecar in the same process.",
-            SERVE_OPTIONS + ("serve",)),
-    "demo": ("exporter.devtools.demo",
-             "Play the whole story on a private Redis: workers start, stop gracefully, get killed, "
-             "leak their registration like asynq #979; the sidecar measures and cleans up. Exit 0 "
-             "when every step behaved as expected.",
-             ("listen", "hostname", "log-level", "log-format")),
-    "emulate": ("exporter.devtools.emulator",
-                "Run an emulated Asynq server that registers in Redis exactly as asynq does "
-                "(for the demo and tests).",
-                GROUPS["redis"] + GROUPS["log"]),
+
+@dataclass(frozen=True)
+class Command:
+    module: str  # has run(config) -> int
+    help: str
+    options: tuple[str, ...]  # from the option table
+    config: Callable[[Any, argparse.Namespace], Any]  # resolved values and arguments -> its config
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None  # beyond the table
+
+
+COMMANDS: dict[str, Command] = {
+    "serve": Command("exporter.server.sidecar",
+                     "Run the sidecar: /metrics, the lifecycle socket, the cleanup of dead workers.",
+                     SERVE_OPTIONS, configs.serve_config),
+    "audit": Command("exporter.registrations.audit",
+                     "List every registration in Redis, live or expired, without changing anything. "
+                     "Exit 0: nothing expired; 1: expired entries exist; 2: Redis cannot be read.",
+                     GROUPS["redis"] + ("json", "log-level", "log-format"), configs.audit_config),
+    "sweep": Command("exporter.cleanup.sweep",
+                     "Remove registrations expired for longer than --grace from asynq:servers, "
+                     "asynq:workers and asynq:schedulers, with their per-server keys, in short batches "
+                     "under a lock. Exit 0: swept, or another sweep holds the lock (nothing done); "
+                     "1: the lock was lost mid-sweep; 2: Redis cannot be reached.",
+                     GROUPS["redis"] + ("grace", "sweep-batch", "dry-run", "json", "log-level", "log-format"),
+                     configs.sweep_config),
+    "run": Command("exporter.lifecycle.launcher",
+                   "Start a worker (-- CMD ARGS...) and report its lifecycle: hello, stopping on "
+                   "SIGTERM/SIGINT, exited; forward signals; exit with its status. --serve runs the "
+                   "sidecar in the same process.",
+                   SERVE_OPTIONS + ("serve",), configs.launch_config, arguments.add_run_arguments),
+    "demo": Command("exporter.devtools.demo",
+                    "Play the whole story on a private Redis: workers start, stop gracefully, get killed, "
+                    "leak their registration like asynq #979; the sidecar measures and cleans up. Exit 0 "
+                    "when every step behaved as expected.",
+                    ("listen", "hostname", "log-level", "log-format"), configs.demo_config,
+                    arguments.add_demo_arguments),
+    "emulate": Command("exporter.devtools.emulator",
+                       "Run an emulated Asynq server that registers in Redis exactly as asynq does "
+                       "(for the demo and tests).",
+                       GROUPS["redis"] + GROUPS["log"], configs.emulate_config, arguments.add_emulate_arguments),
 }
 
 #: The options of each command, for docs/configuration.md.
-COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {name: spec[2] for name, spec in COMMANDS.items()}
+COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {name: c.options for name, c in COMMANDS.items()}
 
 
 def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     """The parser of every command, with the options of `command` only ("*": of all; None: of
-    none, for the top-level --help): a process builds what it runs, and `serve` does not hold
-    the launcher's, the emulator's and the demo's code (the modules that add arguments of their
-    own are imported for their command only)."""
+    none, for the top-level --help)."""
     parser = argparse.ArgumentParser(
         prog="asynq-sidecar",
         description="Observability sidecar and Prometheus exporter for Asynq workers.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module, help_text, options) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    for name, c in COMMANDS.items():
+        p = sub.add_parser(name, help=c.help, description=c.help)
         if command not in ("*", name):
             continue
-        add_options(p, options)
-        extra = getattr(importlib.import_module(module), "add_arguments", None) if name in _EXTRA_ARGS else None
-        if extra:
-            extra(p)
+        add_options(p, c.options)
+        if c.add_arguments is not None:
+            c.add_arguments(p)
     return parser
-
-
-# Commands whose modules add arguments beyond the option table (positional CMD, etc.).
-_EXTRA_ARGS: set[str] = {"demo", "emulate", "run"}
 
 
 @contextmanager
@@ -103,14 +113,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((word for word in argv if not word.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else "*")
     args = parser.parse_args(argv)
-    module, _, options = COMMANDS[args.command]
+    c = COMMANDS[args.command]
     try:
-        values = resolve(args, options)
+        config = c.config(resolve(args, c.options), args)
     except ConfigError as e:
         parser.error(str(e))  # exits 2 with the usage line
+    # The demo's story is its output: its own log says only what went wrong unless asked.
+    log = getattr(config, "log", None) or LogConfig(level="error")
+    logs.setup(log.level, log.format)
     with _no_system_cas():
-        command_module = importlib.import_module(module)
-    return command_module.run(values, args)
+        command_module = importlib.import_module(c.module)
+    return int(command_module.run(config))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,7 +17,6 @@ and exits 0 when every step behaved as expected, 1 otherwise.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import random
@@ -28,25 +27,23 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TextIO
 
-if TYPE_CHECKING:
-    from redis.asyncio import Redis
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
 
-    from exporter.server.sidecar import Sidecar
+from exporter.asynq import model as asynq
+from exporter.cleanup.sweep import Sweeper, registrations_removed
+from exporter.devtools.redis_server import RedisServer, RedisServerError
+from exporter.redisio.connect import connect
+from exporter.server.sidecar import Sidecar
+from exporter.settings import CleanupConfig, DemoConfig, LogConfig, RedisConfig, ServeConfig, SocketConfig
 
 #: How long each emulated worker drains after SIGTERM, in seconds (asynq's default is up to 8 s).
 DRAIN = 1.5
 #: Old pods' leftovers are this many seconds past their expiry when the demo starts.
 LEFTOVER_AGE = 600
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--duration", type=float, default=None, metavar="SECONDS",
-                        help="Stop after this many seconds (the story included) and exit 0 if every "
-                             "step behaved as expected, 1 otherwise. Default: run until Ctrl-C.")
-    parser.add_argument("--no-color", action="store_true",
-                        help="Plain output (also the default when stdout is not a terminal).")
 
 
 class Printer:
@@ -99,9 +96,6 @@ class Demo:
     # ------------------------------------------------------------ what the sidecar exports
 
     async def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        import aiohttp
-        from prometheus_client.parser import text_string_to_metric_families
-
         async with aiohttp.ClientSession() as s, s.get(self.sidecar.http_url + "/metrics") as r:
             text = await r.text()
         out = {}
@@ -156,8 +150,6 @@ class Demo:
 
     async def wait_registered(self, w: Worker, timeout: float = 10.0) -> bool:
         """Until the worker's child process has a live registration in asynq:servers."""
-        from exporter.asynq import model as asynq
-
         async def registered() -> bool:
             w.child_pid = w.child_pid or self.child_of(w)
             if w.child_pid is None:
@@ -171,8 +163,6 @@ class Demo:
         return await self.wait_for(registered, timeout)
 
     async def registration_gone(self, w: Worker) -> bool:
-        from exporter.asynq import model as asynq
-
         return w.registration is not None and await self.redis.zscore(asynq.SERVERS, w.registration) is None
 
     async def wait_exit(self, w: Worker, timeout: float = 15.0) -> int | None:
@@ -184,8 +174,6 @@ class Demo:
     # ------------------------------------------------------------ the story
 
     async def seed_leftovers(self) -> None:
-        from exporter.asynq import model as asynq
-
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         for i in range(1, 4):
@@ -250,8 +238,6 @@ class Demo:
         await self.show_registrations("now")
 
         p.step("6. A fleet sweep removes the old pods' leftovers (asynq-sidecar sweep)")
-        from exporter.cleanup.sweep import Sweeper, registrations_removed
-
         report = await Sweeper(self.redis, self.sidecar.health, grace=60).sweep_once()
         n = registrations_removed(report)
         live, expired = await self.registrations()
@@ -301,16 +287,8 @@ class Demo:
                 await w.launcher.wait()
 
 
-async def run_demo(values: dict[str, Any], duration: float | None, out: TextIO, color: bool) -> int:
-    from exporter import logs
-    from exporter.cli.options import CleanupConfig, LogConfig, RedisConfig, ServeConfig, SocketConfig
-    from exporter.devtools.redis_server import RedisServer, RedisServerError
-    from exporter.redisio.connect import connect
-    from exporter.server.sidecar import Sidecar
-
-    # The story is the output; the sidecar's own log says only what went wrong unless asked.
-    logs.setup(values["log_level"] if values.get("log_level_given") else "error", values["log_format"])
-    p = Printer(out, color)
+async def run_demo(cfg: DemoConfig, out: TextIO) -> int:
+    p = Printer(out, cfg.color)
     started = time.monotonic()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -326,10 +304,10 @@ async def run_demo(values: dict[str, Any], duration: float | None, out: TextIO, 
             return 1
         try:
             socket_path = str(Path(tmp) / "lifecycle.sock")
-            listen = values["listen"] if values.get("listen_given") else ("127.0.0.1", 0)
+            listen = cfg.listen or ("127.0.0.1", 0)
             cfg = ServeConfig(redis=RedisConfig(url=redis_server.url), listen=listen,
                               socket=SocketConfig(path=socket_path), log=LogConfig(),
-                              cleanup=CleanupConfig(host_pids_unique=True), hostname=values["hostname"],
+                              cleanup=CleanupConfig(host_pids_unique=True), hostname=cfg.hostname,
                               watch_interval=2.0, poll_interval=0.5)
             async with Sidecar(cfg) as sidecar:
                 redis = connect(cfg.redis)
@@ -339,7 +317,7 @@ async def run_demo(values: dict[str, Any], duration: float | None, out: TextIO, 
                 p.info(f"sidecar:        {sidecar.http_url}/metrics")
                 try:
                     await demo.story()
-                    until = None if duration is None else started + duration
+                    until = None if cfg.duration is None else started + cfg.duration
                     await demo.keep_going(until, stop)
                 finally:
                     await demo.stop_workers()
@@ -365,12 +343,8 @@ async def run_demo(values: dict[str, Any], duration: float | None, out: TextIO, 
     return 0
 
 
-def run(values: dict[str, Any], args: argparse.Namespace) -> int:
-    color = sys.stdout.isatty() and not args.no_color and not os.environ.get("NO_COLOR")
-    values = dict(values,
-                  listen_given=args.listen is not None or "ASYNQ_SIDECAR_LISTEN" in os.environ,
-                  log_level_given=args.log_level is not None or "ASYNQ_SIDECAR_LOG_LEVEL" in os.environ)
+def run(cfg: DemoConfig) -> int:
     try:
-        return asyncio.run(run_demo(values, args.duration, sys.stdout, color))
+        return asyncio.run(run_demo(cfg, sys.stdout))
     except KeyboardInterrupt:  # pragma: no cover - signal handlers normally catch it
         return 1

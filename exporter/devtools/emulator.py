@@ -7,25 +7,23 @@ exits 0 without clearing (the asynq #979 symptom).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import math
-import os
 import signal
-import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
+from dataclasses import dataclass
+from redis.asyncio import Redis
 
-# Only the standard library at module level: cli.py imports this module to build its parser,
-# so a heavy import here would slow down every command. Redis and protobuf load in `run`.
-if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
-    from exporter.asynq.model import Member
+from exporter.asynq import model as asynq
+from exporter.asynq.model import Member
+from exporter.lifecycle.client import LifecycleClient
+from exporter.redisio.connect import connect
+from exporter.redisio.health import REDIS_FAILURES
+from exporter.settings import EmulateConfig, EmulatorConfig
 
 log = logging.getLogger("exporter.devtools.emulator")
 
@@ -58,23 +56,6 @@ return redis.status_reply("OK")
 
 
 @dataclass(frozen=True)
-class EmulatorConfig:
-    """Who the emulated server is and how it behaves; the defaults are asynq's."""
-
-    host: str
-    pid: int
-    server_id: str
-    concurrency: int = 10
-    queues: dict[str, int] = field(default_factory=lambda: {"default": 1})
-    strict_priority: bool = False
-    heartbeat: float = 5.0  # seconds between beats (fixed at 5 s in asynq)
-    ttl: int = 10  # seconds: score = now + ttl, and the per-server keys' TTL
-    tasks: int = 0  # emulated in-flight tasks while running
-    drain: float = 0.5  # seconds spent draining after SIGTERM/SIGINT
-    on_exit: str = "clear"  # clear | leak | late-beat
-
-
-@dataclass(frozen=True)
 class EmulatedTask:
     task_id: str
     queue: str
@@ -85,13 +66,11 @@ class Emulator:
     """One emulated Asynq server. Each step is a method so tests can drive it one at a time:
 
     `start()` (status active, first beat), `beat()`, `shutdown()` (status closed, beat, drain,
-    then `clear()` or leak), or `run_until(stop)` for the whole life.
+    then `clear()` or leak).
     """
 
     def __init__(self, redis: Redis, config: EmulatorConfig, *,
                  clock: Callable[[], float] = time.time) -> None:
-        from exporter.asynq import model as asynq
-
         self.redis = redis
         self.config = config
         self._clock = clock
@@ -107,8 +86,6 @@ class Emulator:
     # ------------------------------------------------------------ what a beat writes
 
     def server_info_bytes(self) -> bytes:
-        from exporter.asynq import model as asynq
-
         c = self.config
         return asynq.encode_server_info(asynq.ServerInfo(
             host=c.host, pid=c.pid, server_id=c.server_id, concurrency=c.concurrency,
@@ -117,8 +94,6 @@ class Emulator:
         ))
 
     def worker_info_bytes(self, task: EmulatedTask) -> bytes:
-        from exporter.asynq import model as asynq
-
         c = self.config
         return asynq.encode_worker_info(asynq.WorkerInfo(
             host=c.host, pid=c.pid, server_id=c.server_id, task_id=task.task_id,
@@ -162,8 +137,6 @@ class Emulator:
                  self.server_member.tag, self.config.concurrency, len(self.tasks))
 
     async def _beat_logged(self) -> None:
-        from exporter.redisio.health import REDIS_FAILURES
-
         try:
             await self.beat()
         except REDIS_FAILURES as e:  # asynq logs a failed beat and carries on
@@ -208,8 +181,6 @@ class Emulator:
         if self.config.on_exit == "leak":
             log.info("exiting without clearing the registration (leak mode, as in asynq #979)")
             return False
-        from exporter.redisio.health import REDIS_FAILURES
-
         try:
             await self.clear()
         except REDIS_FAILURES as e:  # asynq logs it and exits all the same
@@ -218,150 +189,22 @@ class Emulator:
         log.info("registration cleared")
         return True
 
-    async def run_until(self, stop: asyncio.Event) -> None:
-        """The whole life of a server: start, beat until `stop`, shut down."""
-        await self.start()
-        await self.serve(stop)
-        await self.shutdown()
-
-
-# ---------------------------------------------------------------- command line
-
-
-def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """Adapt a config parser to argparse, which then names the flag and the bad value."""
-
-    def convert(text: str) -> Any:
-        from exporter.cli.options import ConfigError
-
-        try:
-            return parse(text)
-        except ConfigError as e:
-            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
-
-    convert.__name__ = getattr(parse, "__name__", "value")
-    return convert
-
-
-def parse_queues(text: str) -> dict[str, int]:
-    """`default=1,critical=6` -> {"default": 1, "critical": 6} (asynq's Config.Queues)."""
-    from exporter.cli.options import ConfigError
-
-    queues: dict[str, int] = {}
-    for part in text.split(","):
-        name, sep, priority = part.strip().partition("=")
-        if not name or not sep or not priority.strip().isdigit() or int(priority) < 1:
-            raise ConfigError("expected NAME=PRIORITY pairs separated by commas, e.g. default=1,critical=6")
-        queues[name] = int(priority)
-    return queues
-
-
-def _whole_seconds(text: str) -> int:
-    from exporter.cli.options import ConfigError, positive_int
-
-    try:
-        return positive_int(text)
-    except ConfigError:
-        raise ConfigError("expected a whole number of seconds, 1 or more") from None
-
-
-def _count(text: str) -> int:
-    from exporter.cli.options import ConfigError
-
-    if not text.strip().isdigit():
-        raise ConfigError("expected a whole number, 0 or more")
-    return int(text)
-
-
-def _pid(text: str) -> int:
-    from exporter.cli.options import ConfigError, positive_int
-
-    value = positive_int(text)
-    if value > 2**31 - 1:
-        raise ConfigError("expected a pid that fits in an int32")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The emulator's own flags (the Redis and log flags come from the option table)."""
-    from exporter.cli.options import nonempty, one_of, positive_int, positive_seconds, seconds_or_zero
-
-    g = parser.add_argument_group("emulated server")
-    g.add_argument("--host", type=_arg(nonempty), default=None, metavar="NAME",
-                   help="Host name to register under [default: this machine's host name]")
-    g.add_argument("--pid", type=_arg(_pid), default=None, metavar="PID",
-                   help="PID to register under [default: this process's pid]")
-    g.add_argument("--server-id", type=_arg(nonempty), default=None, metavar="ID",
-                   help="Server id [default: a new random UUID]")
-    g.add_argument("--concurrency", type=_arg(positive_int), default=10, metavar="N",
-                   help="Concurrency written in ServerInfo [default: 10]")
-    g.add_argument("--queues", type=_arg(parse_queues), default={"default": 1}, metavar="Q=P,...",
-                   help="Queues and priorities, e.g. default=1,critical=6 [default: default=1]")
-    g.add_argument("--strict-priority", action="store_true", help="Set strict_priority in ServerInfo")
-    g.add_argument("--heartbeat", type=_arg(positive_seconds), default=5.0, metavar="SECONDS",
-                   help="Seconds between beats [default: 5, as asynq]")
-    g.add_argument("--ttl", type=_arg(_whole_seconds), default=10, metavar="SECONDS",
-                   help="Registration lifetime: score = now + TTL, key TTLs [default: 10, as asynq]")
-    g.add_argument("--tasks", type=_arg(_count), default=0, metavar="N",
-                   help="In-flight tasks to keep in the workers hash while running [default: 0]")
-    g.add_argument("--drain", type=_arg(seconds_or_zero), default=0.5, metavar="SECONDS",
-                   help="Seconds to drain after SIGTERM/SIGINT, with status closed [default: 0.5]")
-    g.add_argument("--on-exit", type=_arg(one_of("clear", "leak", "late-beat")), default="clear",
-                   metavar="MODE",
-                   help="After draining: clear the registration like ClearServerState; leak it and "
-                        "exit 0; or late-beat: clear it, then beat once more 50 ms later and exit 0 "
-                        "(the heartbeat that races Shutdown in asynq #979) [default: clear]")
-    g.add_argument("--socket", default=None, metavar="PATH",
-                   help="Also report this server's life to a sidecar's lifecycle socket, as a worker "
-                        "speaking the protocol does: hello, registered (its server id), ready, "
-                        "stopping, and bye once Shutdown returned [default: do not report]")
-    g.add_argument("--no-report-id", action="store_true",
-                   help="With --socket, do not send the server id (as a worker that cannot know it)")
-
-
-def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
-    return EmulatorConfig(
-        host=args.host or socket.gethostname(),
-        pid=args.pid or os.getpid(),
-        server_id=args.server_id or str(uuid.uuid4()),
-        concurrency=args.concurrency,
-        queues=args.queues,
-        strict_priority=args.strict_priority,
-        heartbeat=args.heartbeat,
-        ttl=args.ttl,
-        tasks=args.tasks,
-        drain=args.drain,
-        on_exit=args.on_exit,
-    )
-
-
 #: The late beat of --on-exit late-beat comes this long after the clear (asynq #979's race).
 LATE_BEAT_AFTER = 0.05
 
 
-def run(values: dict[str, Any], args: argparse.Namespace) -> int:
+def run(cfg: EmulateConfig) -> int:
     """Exit 0 after a graceful or leaking shutdown, 1 when Redis fails at start, 2 on bad flags."""
-    from exporter import logs
-    from exporter.cli.options import LogConfig
-
-    log_cfg = LogConfig.from_values(values)
-    logs.setup(log_cfg.level, log_cfg.format)
-    config = config_from_args(args)
-    if config.tasks > config.concurrency:
+    if cfg.server.tasks > cfg.server.concurrency:
         log.error("--tasks %d is more than --concurrency %d: asynq never runs more tasks than its "
-                  "concurrency", config.tasks, config.concurrency)
+                  "concurrency", cfg.server.tasks, cfg.server.concurrency)
         return 2
-    return asyncio.run(_main(values, config, socket_path=args.socket, report_id=not args.no_report_id))
+    return asyncio.run(_main(cfg))
 
 
-async def _main(values: dict[str, Any], config: EmulatorConfig, *, socket_path: str | None = None,
-                report_id: bool = True) -> int:
-    from exporter.cli.options import RedisConfig
-    from exporter.redisio.health import REDIS_FAILURES
-    from exporter.redisio.connect import connect
-
-    redis_cfg = RedisConfig.from_values(values)
-    redis = connect(redis_cfg)
+async def _main(cfg: EmulateConfig) -> int:
+    config = cfg.server
+    redis = connect(cfg.redis)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
@@ -379,10 +222,8 @@ async def _main(values: dict[str, Any], config: EmulatorConfig, *, socket_path: 
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
     client = None
-    if socket_path is not None:
-        from exporter.lifecycle.client import LifecycleClient
-
-        client = LifecycleClient(socket_path, host=config.host, pid=config.pid, started_at=time.time(),
+    if cfg.socket is not None:
+        client = LifecycleClient(cfg.socket, host=config.host, pid=config.pid, started_at=time.time(),
                                  shutdown_timeout=config.drain)
         await client.start()
     try:
@@ -390,10 +231,10 @@ async def _main(values: dict[str, Any], config: EmulatorConfig, *, socket_path: 
         try:
             await emulator.start()
         except REDIS_FAILURES as e:
-            log.error("cannot register in Redis at %s: %s: %s", redis_cfg.display_url, type(e).__name__, e)
+            log.error("cannot register in Redis at %s: %s: %s", cfg.redis.display_url, type(e).__name__, e)
             return 1
         if client is not None:
-            if report_id:
+            if cfg.report_id:
                 await client.registered(config.server_id)
             await client.ready()
         await emulator.serve(stop)

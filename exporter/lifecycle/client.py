@@ -29,10 +29,10 @@ from collections.abc import Callable
 from typing import Any
 
 from exporter.lifecycle import protocol
+from exporter.settings import DEFAULT_SOCKET
 
 log = logging.getLogger("exporter.lifecycle.client")
 
-DEFAULT_SOCKET = "/run/asynq-sidecar/lifecycle.sock"
 
 #: First and longest wait between connection attempts, in seconds.
 RETRY_MIN = 0.05

@@ -10,7 +10,6 @@ launcher submits the child's events to it directly, as one more in-process sourc
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
@@ -18,13 +17,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-# Only the standard library (and light modules of ours) at module level: cli.py imports this
-# module to build its parser. The sidecar (aiohttp, redis, prometheus) loads only for --serve.
+from exporter.lifecycle.client import LifecycleClient
+from exporter.lifecycle.tracker import Decision, Disconnected, Exited, Hello, Ready, Stopping, WorkerForgotten
+from exporter.settings import DEFAULT_SOCKET, LaunchConfig, ServeConfig
+
 if TYPE_CHECKING:
-    from exporter.cli.options import ServeConfig
-    from exporter.lifecycle.tracker import Decision
     from exporter.server.sidecar import Sidecar
 
 log = logging.getLogger("exporter.lifecycle.launcher")
@@ -70,29 +69,24 @@ class InProcessReporter:
         sidecar.sinks.append(self)
 
     async def start(self, at: float | None = None) -> None:
-        from exporter.lifecycle.tracker import Hello
 
         self._sidecar.submit(Hello(self.conn, pid=self.pid, host=self.host,
                                    started_at=self.started_at), at)
 
     async def ready(self, at: float | None = None) -> None:
-        from exporter.lifecycle.tracker import Ready
 
         self._sidecar.submit(Ready(self.conn), at)
 
     async def stopping(self, signal: str | None = None, at: float | None = None) -> None:
-        from exporter.lifecycle.tracker import Stopping
 
         self._sidecar.submit(Stopping(self.conn, signal), at)
 
     async def exited(self, code: int | None = None, signal: str | None = None,
                      at: float | None = None) -> None:
-        from exporter.lifecycle.tracker import Exited
 
         self._sidecar.submit(Exited(self.conn, code=code, signal=signal), at)
 
     async def close(self, timeout: float = 1.0) -> bool:
-        from exporter.lifecycle.tracker import Disconnected
 
         self._sidecar.submit(Disconnected(self.conn))
         try:
@@ -106,7 +100,6 @@ class InProcessReporter:
 
     def handle(self, decision: Decision, now: float) -> None:
         """A sink, only to learn when the tracker is done with this connection."""
-        from exporter.lifecycle.tracker import WorkerForgotten
 
         if isinstance(decision, WorkerForgotten) and decision.worker.conn == self.conn:
             self._forgotten.set()
@@ -135,14 +128,15 @@ async def launch(cmd: Sequence[str], *, host: str, socket_path: str | None = Non
     try:
         async with AsyncExitStack() as stack:
             if serve is not None:
-                from exporter.server.sidecar import Sidecar
+                # The sidecar (aiohttp, redis, prometheus) is loaded only for --serve: a launcher
+                # that reports over the socket stays small and starts fast.
+                from exporter.server.sidecar import Sidecar  # noqa: PLC0415
 
                 sidecar = await stack.enter_async_context(Sidecar(serve))
 
                 def reporter_for(pid: int, started_at: float) -> Reporter:
                     return InProcessReporter(sidecar, host=host, pid=pid, started_at=started_at)
             else:
-                from exporter.lifecycle.client import DEFAULT_SOCKET, LifecycleClient
 
                 path = socket_path or DEFAULT_SOCKET
 
@@ -205,30 +199,13 @@ async def supervise(cmd: Sequence[str], reporter_for: ReporterFactory,
     return exit_status(rc)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The worker's command line, after `--`."""
-    parser.usage = "%(prog)s [--socket PATH] [--serve ...] -- CMD [ARGS...]"
-    parser.add_argument("worker_command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
-                        help="The worker to run, and its arguments.")
-
-
-def run(values: dict[str, Any], args: argparse.Namespace) -> int:
-    from exporter import logs
-    from exporter.cli.options import LogConfig, ServeConfig
-
-    cmd = list(args.worker_command)
-    if cmd[:1] == ["--"]:
-        cmd = cmd[1:]
-    if not cmd:
+def run(cfg: LaunchConfig) -> int:
+    if not cfg.command:
         print("asynq-sidecar run: a command is required: asynq-sidecar run [options] -- CMD [ARGS...]",
               file=sys.stderr)
         return 2
-    log_cfg = LogConfig.from_values(values)
-    logs.setup(log_cfg.level, log_cfg.format)
-    serve = ServeConfig.from_values(values) if values["serve"] else None
     try:
-        return asyncio.run(launch(cmd, host=values["hostname"], socket_path=values["socket"],
-                                  serve=serve))
+        return asyncio.run(launch(cfg.command, host=cfg.hostname, socket_path=cfg.socket, serve=cfg.serve))
     except OSError as e:  # only the in-process sidecar raises: the child was never started
         log.error("cannot start the sidecar (--serve): %s", e)
         return 1

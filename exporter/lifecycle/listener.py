@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from exporter.lifecycle import protocol
-from exporter.cli.options import SocketConfig
+from exporter.settings import SocketConfig
 from exporter.lifecycle.tracker import Disconnected, Event, Hello
 from exporter.logs import RateLimiter
 
@@ -416,7 +416,7 @@ class LifecycleSocket:
             self._stats.connection_opened()
             log.debug("lifecycle connection %d opened (peer pid %s)", conn.id, peer)
             try:
-                reader, writer = await asyncio.open_unix_connection(sock=sock, limit=self.cfg.max_line)
+                reader, writer = await asyncio.open_unix_connection(sock=sock, limit=protocol.MAX_LINE)
                 conn.transport = transport = writer.transport
                 await self._serve(conn, reader)
             except asyncio.CancelledError:
@@ -475,7 +475,7 @@ class LifecycleSocket:
                     return
             except asyncio.LimitOverrunError:
                 self._reject(conn.id, peer, "oversized",
-                             f"a line longer than {self.cfg.max_line} bytes; closing")
+                             f"a line longer than {protocol.MAX_LINE} bytes; closing")
                 return
             received = self._clock()
             result = protocol.parse(line, conn.id)

@@ -15,7 +15,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from exporter.cli.options import RedisConfig
+from exporter.settings import RedisConfig
 
 log = logging.getLogger("exporter.redis")
 

@@ -7,7 +7,6 @@ TIME), not this machine's. Exit 0: nothing expired; 1: expired entries; 2: Redis
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -20,10 +19,9 @@ from typing import Any, TextIO
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from exporter import logs
 
 from exporter.asynq import model as asynq
-from exporter.cli.options import LogConfig, RedisConfig
+from exporter.settings import AuditConfig, RedisConfig
 from exporter.redisio.health import REDIS_FAILURES
 from exporter.redisio.connect import connect, redis_time
 
@@ -285,17 +283,14 @@ def print_table(report: Report, out: TextIO) -> None:
 # ---------------------------------------------------------------- command
 
 
-def run(values: dict[str, Any], args: argparse.Namespace) -> int:
-    log_cfg = LogConfig.from_values(values)
-    logs.setup(log_cfg.level, log_cfg.format)
-    redis_cfg = RedisConfig.from_values(values)
+def run(cfg: AuditConfig) -> int:
     try:
-        report = asyncio.run(_read(redis_cfg))
+        report = asyncio.run(_read(cfg.redis))
     except REDIS_FAILURES as e:
-        sys.stderr.write(f"asynq-sidecar audit: cannot read Redis at {redis_cfg.display_url}: "
+        sys.stderr.write(f"asynq-sidecar audit: cannot read Redis at {cfg.redis.display_url}: "
                          f"{type(e).__name__}: {e}\n")
         return EXIT_UNREADABLE
-    if values.get("json"):
+    if cfg.json:
         json.dump(report.to_json(), sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
     else:

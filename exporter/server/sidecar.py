@@ -12,16 +12,18 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any, Protocol
 
 from aiohttp import web
 
-from exporter import __version__, logs
-from exporter.cli.options import ServeConfig
+from exporter import __version__
 from exporter.redisio.health import REDIS_FAILURES, RedisHealth
-from exporter.cleanup.watch import Cleanup
+from exporter.cleanup.sink import Cleanup
+from exporter.cleanup.sweep import Sweeper, sweep_periodically
 from exporter.server.http import build_app
+from exporter.settings import ServeConfig
 from exporter.lifecycle.tracker import Decision, Event, State, Tracker, WorkerForgotten
 from exporter.metrics.lifecycle import LifecycleLog, LifecycleMetrics
 from exporter.lifecycle.listener import LifecycleSocket
@@ -50,8 +52,11 @@ class Sidecar:
     and passes each decision to every sink in `sinks`.
     """
 
-    def __init__(self, cfg: ServeConfig) -> None:
+    def __init__(self, cfg: ServeConfig, *, on_cleanup_settled: Callable[[], None] = lambda: None) -> None:
+        """`on_cleanup_settled` is called each time the cleanup after a worker's exit is over
+        (a hook for tests and embedders; the sidecar itself polls `cleanup.idle`)."""
         self.cfg = cfg
+        self._on_cleanup_settled = on_cleanup_settled
         self.registry = new_registry()
         self.health = RedisHealth(cfg.redis.display_url)
         self._stack = AsyncExitStack()
@@ -200,13 +205,12 @@ class Sidecar:
 
         self.cleanup = Cleanup(self.redis, self.health, cfg.cleanup, registry=self.registry,
                                submit=self.submit, spawn=self.spawn, poll_interval=cfg.poll_interval,
-                               hostname=cfg.hostname, clock=self.redis_clock)
+                               hostname=cfg.hostname, clock=self.redis_clock,
+                               on_settled=self._on_cleanup_settled)
         self.sinks.append(self.cleanup)
-        self.spawn(self.cleanup.observe_forever(), "registration-observer")
-        self.spawn(self.cleanup.remove_host_orphans(), "host-orphans")
+        self.spawn(self.cleanup.observer.observe_forever(), "registration-observer")
+        self.spawn(self.cleanup.orphans.remove_host_orphans(), "host-orphans")
         if cfg.cleanup.sweep_interval > 0:
-            from exporter.cleanup.sweep import Sweeper, sweep_periodically  # only then: memory
-
             sweeper = Sweeper(self.redis, self.health, grace=cfg.cleanup.sweep_grace,
                               batch=cfg.cleanup.sweep_batch, dry_run=cfg.cleanup.mode == "dry-run")
             removed = self.cleanup.metrics.removed.labels(reason="sweep")
@@ -271,9 +275,7 @@ async def serve_until_signalled(cfg: ServeConfig) -> int:
     return 0
 
 
-def run(values: dict[str, Any], args: Any) -> int:
-    cfg = ServeConfig.from_values(values)
-    logs.setup(cfg.log.level, cfg.log.format)
+def run(cfg: ServeConfig) -> int:
     try:
         return asyncio.run(serve_until_signalled(cfg))
     except OSError as e:

@@ -21,7 +21,12 @@ import time
 from redis.asyncio import Redis
 
 from bench.core import (
-    INFO_OVERHEAD, Report, commands_processed, load_registrations, median, private_redis,
+    INFO_OVERHEAD,
+    Report,
+    commands_processed,
+    load_registrations,
+    median,
+    private_redis,
 )
 from exporter.asynq import model as asynq
 from exporter.registrations.reader import read_counts, read_details

@@ -21,8 +21,20 @@ import os
 import time
 
 from bench.core import (
-    CLOCK_TICKS, NOT_MEASURED, Report, Row, ServeProcess, Worker, cpu_seconds, judge,
-    launcher_available, load_registrations, metric, metric_sum, private_redis, workdir,
+    CLOCK_TICKS,
+    NOT_MEASURED,
+    Report,
+    Row,
+    ServeProcess,
+    Worker,
+    cpu_seconds,
+    judge,
+    launcher_available,
+    load_registrations,
+    metric,
+    metric_sum,
+    private_redis,
+    workdir,
 )
 
 TARGET_PERCENT = 0.5
@@ -130,8 +142,8 @@ def idle_cpu(quick: bool) -> Report:
     mean = 100 * crowd["cpu"] / crowd["wall"]
     rows.append(Row("idle-cpu", f"serve, one worker, {fleet:,} other live servers, {role}: % of one core "
                                 f"(mean {mean:.3f} % over {crowd['wall']:.0f} s)", crowd["shares"], "%"))
-    rows.append(Row("idle-cpu", f"the details leader of that fleet (full read every 10 s, no worker): "
-                                f"% of one core", [100 * crowd["leader_cpu"] / crowd["wall"]], "%"))
+    rows.append(Row("idle-cpu", "the details leader of that fleet (full read every 10 s, no worker): "
+                                "% of one core", [100 * crowd["leader_cpu"] / crowd["wall"]], "%"))
     rows.append(Row("idle-cpu", f"Redis load of both sidecars together, {fleet:,} live servers: commands/s, "
                                 f"and redis-server CPU {100 * crowd['redis'] / crowd['wall']:.3f} %",
                     [crowd["sidecar_cmds"] / crowd["wall"]], "count"))

@@ -19,8 +19,22 @@ import signal
 import time
 
 from bench.core import (
-    MISS, NOT_MEASURED, PASS, BenchError, Report, Row, ServeProcess, Worker, launcher_available,
-    load_registrations, median, metric, percentile, private_redis, wait_until, workdir,
+    MISS,
+    NOT_MEASURED,
+    PASS,
+    BenchError,
+    Report,
+    Row,
+    ServeProcess,
+    Worker,
+    launcher_available,
+    load_registrations,
+    median,
+    metric,
+    percentile,
+    private_redis,
+    wait_until,
+    workdir,
 )
 from exporter.asynq import model as asynq
 

@@ -28,8 +28,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench.core import (
-    INFO, MIB, NOT_MEASURED, REPO, BenchError, Report, Row, judge, median, percentile, python_env,
-    rss_bytes, stop_process, workdir,
+    INFO,
+    MIB,
+    NOT_MEASURED,
+    REPO,
+    BenchError,
+    Report,
+    Row,
+    judge,
+    median,
+    percentile,
+    python_env,
+    rss_bytes,
+    stop_process,
+    workdir,
 )
 
 RSS_TARGET_MIB = 5.0

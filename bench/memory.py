@@ -14,12 +14,30 @@ import uuid
 from redis.asyncio import Redis
 
 from bench.core import (
-    MIB, NOT_MEASURED, REPO, SIDECAR_HOST, BenchError, Report, Row, ServeProcess, Worker,
-    judge, launcher_available, load_registrations, median, metric, metric_sum, private_redis,
-    python_env, rss_bytes, stop_process, wait_until, workdir,
+    MIB,
+    NOT_MEASURED,
+    REPO,
+    SIDECAR_HOST,
+    BenchError,
+    Report,
+    Row,
+    ServeProcess,
+    Worker,
+    judge,
+    launcher_available,
+    load_registrations,
+    median,
+    metric,
+    metric_sum,
+    private_redis,
+    python_env,
+    rss_bytes,
+    stop_process,
+    wait_until,
+    workdir,
 )
-from exporter.cleanup.confirm import CONFIRM_AFTER
 from exporter.asynq import model as asynq
+from exporter.cleanup.confirm import CONFIRM_AFTER
 from exporter.devtools.redis_server import free_port
 
 RSS_TARGET_MIB = 47.0

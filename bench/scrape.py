@@ -17,8 +17,21 @@ import contextlib
 import time
 
 from bench.core import (
-    INFO_OVERHEAD, MISS, PASS, BenchError, Report, Row, Scraper, ServeProcess,
-    commands_processed, load_registrations, median, metric_sum, percentile, private_redis, workdir,
+    INFO_OVERHEAD,
+    MISS,
+    PASS,
+    BenchError,
+    Report,
+    Row,
+    Scraper,
+    ServeProcess,
+    commands_processed,
+    load_registrations,
+    median,
+    metric_sum,
+    percentile,
+    private_redis,
+    workdir,
 )
 
 P50_MS, P99_MS, RATIO = 3.0, 10.0, 1.3

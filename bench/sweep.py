@@ -28,7 +28,16 @@ import time
 from redis.asyncio import Redis
 
 from bench.core import (
-    MISS, PASS, REPO, BenchError, Report, Row, judge, load_registrations, median, private_redis,
+    MISS,
+    PASS,
+    REPO,
+    BenchError,
+    Report,
+    Row,
+    judge,
+    load_registrations,
+    median,
+    private_redis,
     python_env,
 )
 from exporter.asynq import model as asynq

@@ -14,7 +14,16 @@ import tracemalloc
 from redis.asyncio import Redis
 
 from bench.core import (
-    MIB, MISS, PASS, Report, Row, cpu_seconds, judge, load_registrations, median, private_redis,
+    MIB,
+    MISS,
+    PASS,
+    Report,
+    Row,
+    cpu_seconds,
+    judge,
+    load_registrations,
+    median,
+    private_redis,
 )
 from exporter.redisio.health import RedisHealth
 from exporter.registrations.reader import DetailsWatcher, read_details

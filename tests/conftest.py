@@ -10,8 +10,8 @@ import pytest
 import redis as redis_sync
 import redis.asyncio as redis_async
 
-from exporter.settings import CleanupConfig, LogConfig, RedisConfig, ServeConfig, SocketConfig
 from exporter.devtools.redis_server import RedisServer
+from exporter.settings import CleanupConfig, LogConfig, RedisConfig, ServeConfig, SocketConfig
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

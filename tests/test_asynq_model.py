@@ -9,7 +9,6 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from exporter.asynq import model as asynq
-
 from exporter.asynq import proto as asynqpb
 from tests.conftest import require_tool
 

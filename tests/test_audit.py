@@ -15,12 +15,11 @@ import pytest
 import redis.asyncio as redis_async
 
 from exporter.asynq import model as asynq
-
 from exporter.cli import main as cli
-from exporter.registrations.audit import format_duration, read_report
 from exporter.devtools.emulator import Emulator
-from exporter.settings import EmulatorConfig
 from exporter.devtools.redis_server import free_port
+from exporter.registrations.audit import format_duration, read_report
+from exporter.settings import EmulatorConfig
 from tests.conftest import require_tool
 from tests.helpers import faketime_prefix, redis_now
 

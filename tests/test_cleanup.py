@@ -13,13 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter.asynq import model as asynq
-from exporter.cleanup.store import RegistrationStore
-from exporter.redisio.clock import RedisClock
 from exporter.cleanup.rule import ABSENT, KEPT, REMOVED, Verdict
-from exporter.settings import CleanupConfig, RedisConfig
-from exporter.lifecycle.tracker import Bye, Disconnected, Exited, Hello, State
+from exporter.cleanup.store import RegistrationStore
 from exporter.devtools.redis_server import RedisServer
+from exporter.lifecycle.tracker import Bye, Disconnected, Exited, Hello, State
+from exporter.redisio.clock import RedisClock
 from exporter.server.sidecar import Sidecar
+from exporter.settings import CleanupConfig, RedisConfig
 from tests.helpers import eventually, register_server
 
 HOST = socket.gethostname()  # a worker shares its pod's host name with the sidecar
@@ -396,7 +396,7 @@ class Beating:
             except TimeoutError:
                 pass
 
-    async def __aenter__(self) -> "Beating":
+    async def __aenter__(self) -> Beating:
         self._task = asyncio.create_task(self._run())
         return self
 

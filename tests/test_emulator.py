@@ -16,8 +16,8 @@ import pytest
 
 from exporter.asynq import model as asynq
 from exporter.devtools.emulator import TASK_TIMEOUT, TASK_TYPE, Emulator
-from exporter.settings import EmulatorConfig
 from exporter.devtools.redis_server import free_port
+from exporter.settings import EmulatorConfig
 from tests.helpers import eventually, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -52,10 +52,9 @@ from pathlib import Path
 import redis as redis_sync
 
 from tests.conftest import require_tool
-from tests.fault_helpers import (  # noqa: F401 - faults and processes are fixtures
-    EMULATE, Monitor, Serve, Tracked, faults, process_alive)
+from tests.fault_helpers import EMULATE, Monitor, Serve, Tracked, faults, process_alive  # noqa: F401 - faults and processes are fixtures
 from tests.helpers import eventually
-from tests.lifecycle_helpers import HOST, Worker, processes
+from tests.lifecycle_helpers import HOST, Worker
 
 SEED_VARIABLE = "FAULT_RUN_SEED"
 

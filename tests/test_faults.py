@@ -19,12 +19,11 @@ import redis as redis_sync
 import redis.asyncio as redis_async
 
 from exporter.asynq import model as asynq
-from exporter.settings import CleanupConfig, RedisConfig
 from exporter.server.sidecar import Sidecar
-from tests.fault_helpers import (  # noqa: F401 - faults and processes are fixtures
-    Bystander, faults, gone_entirely, rss_kib, start_worker)
+from exporter.settings import CleanupConfig, RedisConfig
+from tests.fault_helpers import Bystander, faults, gone_entirely, rss_kib, start_worker  # noqa: F401 - faults and processes are fixtures
 from tests.helpers import eventually
-from tests.lifecycle_helpers import HOST, processes
+from tests.lifecycle_helpers import HOST
 
 # ---------------------------------------------------------------- Redis faults
 

@@ -22,12 +22,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.lifecycle import protocol
 from exporter.cli.options import OPTIONS, ConfigError
-from exporter.settings import SocketConfig
-from exporter.lifecycle.tracker import Bye, Exited, Hello, Ready, Registered, State, Stopping
+from exporter.lifecycle import protocol
 from exporter.lifecycle.protocol import MAX_LINE, Invalid, Message, parse
+from exporter.lifecycle.tracker import Bye, Exited, Hello, Ready, Registered, State, Stopping
 from exporter.server.sidecar import Sidecar
+from exporter.settings import SocketConfig
 from tests.helpers import eventually
 
 #: What the parser alone may answer (the socket server and the tracker add the others).

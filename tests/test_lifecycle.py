@@ -7,8 +7,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.lifecycle.tracker import (
-    Bye, Disconnected, Exited, Hello, Ready, RegistrationSeen, Rejected, State, Stopping,
-    Tracker, WorkerExited, WorkerForgotten, WorkerRunning, WorkerStarted, WorkerStopping,
+    Bye,
+    Disconnected,
+    Exited,
+    Hello,
+    Ready,
+    RegistrationSeen,
+    Rejected,
+    State,
+    Stopping,
+    Tracker,
+    WorkerExited,
+    WorkerForgotten,
+    WorkerRunning,
+    WorkerStarted,
+    WorkerStopping,
 )
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from exporter.settings import SocketConfig
 from exporter.lifecycle.listener import MAX_MESSAGES, SocketInUseError
 from exporter.server.sidecar import Sidecar
+from exporter.settings import SocketConfig
 from tests.helpers import eventually, scrape, value
 from tests.lifecycle_helpers import exits, metric, processes  # noqa: F401 - a fixture
 

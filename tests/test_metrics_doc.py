@@ -6,10 +6,9 @@ import base64
 import re
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 import aiohttp
 import bcrypt
+from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.server import webconfig
 from exporter.server.sidecar import Sidecar

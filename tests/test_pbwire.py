@@ -14,10 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter.asynq import model as asynq
-
-from exporter.asynq import proto as asynqpb
-
 from exporter.asynq import pbwire
+from exporter.asynq import proto as asynqpb
 
 
 def by_protobuf(data: bytes) -> pbwire.ServerInfoFields | None:

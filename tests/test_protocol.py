@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.lifecycle import protocol
-from exporter.lifecycle.tracker import Bye, Exited, Hello, Ready, Stopping
 from exporter.lifecycle.protocol import MAX_LINE, REASONS, Invalid, Message, encode, event_time, parse
+from exporter.lifecycle.tracker import Bye, Exited, Hello, Ready, Stopping
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,9 @@ import asyncio
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
-import socket
 import time
 import urllib.request
 
@@ -23,16 +23,15 @@ import redis as redis_sync
 import redis.cluster
 
 from exporter.asynq import model as asynq
-from exporter.registrations.audit import read_report
-from exporter.settings import CleanupConfig, RedisConfig
-from exporter.devtools.emulator import Emulator
-from exporter.settings import EmulatorConfig
-from exporter.redisio.health import RedisHealth
-from exporter.lifecycle.tracker import Disconnected, Exited, Hello, State
-from exporter.devtools.redis_server import RedisServerError, free_port
-from exporter.redisio.connect import connect
-from exporter.server.sidecar import Sidecar
 from exporter.cleanup.sweep import Sweeper
+from exporter.devtools.emulator import Emulator
+from exporter.devtools.redis_server import RedisServerError, free_port
+from exporter.lifecycle.tracker import Disconnected, Exited, Hello, State
+from exporter.redisio.connect import connect
+from exporter.redisio.health import RedisHealth
+from exporter.registrations.audit import read_report
+from exporter.server.sidecar import Sidecar
+from exporter.settings import CleanupConfig, EmulatorConfig, RedisConfig
 from tests.conftest import IN_CI, require_tool
 from tests.helpers import eventually, register_server, scrape, value, wait_until
 from tests.pki import PKI, pki  # noqa: F401 - the fixture

@@ -16,8 +16,7 @@ import redis as redis_sync
 
 from exporter.asynq import model as asynq
 from tests.conftest import require_tool
-from tests.fault_helpers import (  # noqa: F401 - faults and processes are fixtures
-    EMULATE, Sentry, faults, gone_entirely)
+from tests.fault_helpers import EMULATE, Sentry, faults, gone_entirely  # noqa: F401 - faults and processes are fixtures
 from tests.helpers import eventually, register_server
 from tests.lifecycle_helpers import CHILD, HOST, processes  # noqa: F401 - processes is a fixture
 

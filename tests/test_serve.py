@@ -10,11 +10,10 @@ import sys
 import time
 
 import aiohttp
-import pytest
 
-from exporter.settings import RedisConfig
 from exporter.devtools.redis_server import RedisServer, free_port
 from exporter.server.sidecar import Sidecar
+from exporter.settings import RedisConfig
 from tests.conftest import require_tool
 from tests.helpers import eventually, register_server, samples, scrape, value, wait_until
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from exporter.settings import SocketConfig
 from exporter.server.sidecar import Sidecar
+from exporter.settings import SocketConfig
 from tests.helpers import eventually, register_server
 from tests.lifecycle_helpers import HOST, ROOT, exits, metric, processes  # noqa: F401 - a fixture
 

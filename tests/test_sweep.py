@@ -20,14 +20,22 @@ import redis as redis_sync
 import redis.asyncio as redis_async
 
 from exporter.asynq import model as asynq
-from exporter.settings import RedisConfig
-from exporter.redisio.health import RedisHealth
-from exporter.devtools.redis_server import RedisServer, free_port
-from exporter.redisio.connect import connect
 from exporter.cleanup.sweep import (
-    LIST_AT_MOST, LOCK_KEY, Removed, SetSweep, SweepFailed, Sweeper, SweepReport, _not_own, _own_key,
+    LIST_AT_MOST,
+    LOCK_KEY,
+    Removed,
+    SetSweep,
+    Sweeper,
+    SweepFailed,
+    SweepReport,
+    _not_own,
+    _own_key,
     json_document,
 )
+from exporter.devtools.redis_server import RedisServer, free_port
+from exporter.redisio.connect import connect
+from exporter.redisio.health import RedisHealth
+from exporter.settings import RedisConfig
 from tests.conftest import require_tool
 from tests.helpers import faketime_prefix, redis_now, register_server, wait_until
 from tests.redis_topologies import ClusterSetup

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from exporter.asynq import pbwire
 
@@ -153,13 +151,15 @@ class SchedulerEntry:
 
 def _pb() -> ModuleType:
     """exporter.asynq.proto, the protobuf runtime's messages: imported on first use."""
-    from exporter.asynq import proto as asynqpb
+    # The protobuf runtime (several MiB) loads only for a full decode: `serve` reads ServerInfo
+    # through pbwire and never needs it.
+    from exporter.asynq import proto as asynqpb  # noqa: PLC0415
 
     return asynqpb
 
 
 def _parse(cls, data: bytes):
-    from google.protobuf.message import DecodeError
+    from google.protobuf.message import DecodeError  # noqa: PLC0415 - with _pb(), on first use
 
     try:
         return cls.FromString(data)

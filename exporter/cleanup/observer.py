@@ -112,7 +112,7 @@ class RegistrationObserver:
         owned = [o for o in watch.owned.values() if o.claim.workers]
         results = await self.store.tick([o.member for o in owned])
         in_flight = 0
-        for o, (score, count) in zip(owned, results):
+        for o, (score, count) in zip(owned, results, strict=False):
             o.score = score
             if score is not None and score >= now:
                 in_flight += count
@@ -131,7 +131,7 @@ class RegistrationObserver:
                            if k not in watch.owned or watch.owned[k].claim is Claim.UNKNOWN) if m is not None]
         if new:
             infos = await self.store.server_infos(new)
-            for m, raw in zip(new, infos):
+            for m, raw in zip(new, infos, strict=False):
                 start_time = None
                 if raw is not None:
                     try:

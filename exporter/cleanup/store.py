@@ -103,8 +103,8 @@ class RegistrationStore:
         start = 0
         while True:
             async with self._slots:
-                page = await self.redis.zrangebyscore(asynq.SERVERS, low, high, start=start,
-                                                      num=RANGE_PAGE, withscores=True)
+                page: list[tuple[bytes, float]] = await self.redis.zrangebyscore(  # type: ignore[assignment]
+                    asynq.SERVERS, low, high, start=start, num=RANGE_PAGE, withscores=True)
             for raw, score in page:
                 raw = raw if isinstance(raw, bytes) else raw.encode()
                 if raw.startswith(prefix) and raw.endswith(b"}"):
@@ -207,4 +207,4 @@ def undone(seen: Seen, now_seen: Seen) -> bool:
 
 
 def _advanced(before: Seen, after: Seen) -> bool:
-    return any(a is not None and (b is None or a > b) for b, a in zip(before, after))
+    return any(a is not None and (b is None or a > b) for b, a in zip(before, after, strict=False))

@@ -45,16 +45,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
-
 from exporter.asynq import model as asynq
-from exporter.settings import RedisConfig, SweepConfig
-from exporter.redisio.health import REDIS_FAILURES, RedisHealth
 from exporter.redisio.connect import connect, redis_time
+from exporter.redisio.health import REDIS_FAILURES, RedisHealth
+from exporter.settings import RedisConfig, SweepConfig
 
 try:
     from hiredis import pack_command as _pack_command
 except ImportError:  # redis-py works without it (slower)
-    _pack_command = None
+    _pack_command = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -401,7 +400,8 @@ class Sweeper:
         process works: one is idle while the other works otherwise."""
         grace = repr(float(self.grace))
         await self._keep_lock()
-        batch = asyncio.ensure_future(self._remove_batch(result, grace, self._with_scores(result)))
+        batch: asyncio.Future[tuple[list[bytes], Sequence[Any] | None]] | None = asyncio.ensure_future(
+            self._remove_batch(result, grace, self._with_scores(result)))
         try:
             while batch is not None:
                 members, scores = await batch
@@ -474,7 +474,7 @@ class Sweeper:
             acquire = pool.get_connection(commands[0][0].decode())
         conn = await acquire
         try:
-            await conn.send_packed_command(b"".join([_pack_command(c) for c in commands]))
+            await conn.send_packed_command(b"".join([_pack_command(c) for c in commands]))  # type: ignore[arg-type]
             return [await conn.read_response() for _ in commands]
         except BaseException:
             await conn.disconnect(nowait=True)  # replies may still be on their way: not reusable
@@ -489,7 +489,8 @@ class Sweeper:
         start = 0
         while True:
             with self._health.op(f"sweep {result.key}"):
-                page = await self._redis.zrange(result.key, start, start + self.batch - 1, withscores=True)
+                page: list[tuple[bytes, float]] = await self._redis.zrange(  # type: ignore[assignment]
+                    result.key, start, start + self.batch - 1, withscores=True)
             report.batches += 1
             members, scores = [], []
             for member, score in page:
@@ -613,7 +614,7 @@ def json_document(doc: dict[str, Any]) -> str:
 
 # The lists sit at depth 3 (document, "sets", the set): items indented by 8, their fields by 10.
 _ITEM, _FIELD, _CLOSE = " " * 8, " " * 10, " " * 6
-_encode_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+_encode_string = json.encoder.encode_basestring_ascii
 
 
 def _json_members(members: list[dict[str, Any]]) -> str:

@@ -12,8 +12,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from exporter.cli.options import OPTIONS
-from exporter.settings import (AuditConfig, CleanupConfig, DemoConfig, EmulateConfig, EmulatorConfig, LaunchConfig,
-                               LogConfig, RedisConfig, ServeConfig, SocketConfig, SweepConfig)
+from exporter.settings import (
+    AuditConfig,
+    CleanupConfig,
+    DemoConfig,
+    EmulateConfig,
+    EmulatorConfig,
+    LaunchConfig,
+    LogConfig,
+    RedisConfig,
+    ServeConfig,
+    SocketConfig,
+    SweepConfig,
+)
 
 Values = Mapping[str, Any]
 

@@ -17,11 +17,24 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from exporter.cli.parsers import (ConfigError, boolean, file_mode, int_between, nonempty, one_of, parse_listen,
-                                  parse_redis_url, parse_sentinels, positive_int, positive_seconds, readable_file,
-                                  seconds_or_zero, uid_list, web_config_file)
-from exporter.settings import (DEFAULT_LISTEN, CleanupConfig, LogConfig, RedisConfig, ServeConfig, SocketConfig,
-                               mask_url)
+from exporter.cli.parsers import (
+    ConfigError,
+    boolean,
+    file_mode,
+    int_between,
+    nonempty,
+    one_of,
+    parse_listen,
+    parse_redis_url,
+    parse_sentinels,
+    positive_int,
+    positive_seconds,
+    readable_file,
+    seconds_or_zero,
+    uid_list,
+    web_config_file,
+)
+from exporter.settings import DEFAULT_LISTEN, CleanupConfig, LogConfig, RedisConfig, ServeConfig, SocketConfig, mask_url
 
 ENV_PREFIX = "ASYNQ_SIDECAR_"
 

@@ -158,8 +158,9 @@ def parse_sentinels(text: str) -> tuple[tuple[str, int], ...]:
 
 
 def web_config_file(text: str) -> Any:
-    """Read and check an exporter-toolkit web config file (see exporter.server.webconfig)."""
-    from exporter.server.webconfig import WebConfigError, load
+    """Read and check an exporter-toolkit web config file (see exporter.server.webconfig). Its
+    YAML, bcrypt and TLS code is loaded only when the flag is given."""
+    from exporter.server.webconfig import WebConfigError, load  # noqa: PLC0415
 
     if "\0" in text:
         raise ConfigError("cannot read it: a NUL byte in the path")

@@ -305,12 +305,12 @@ async def run_demo(cfg: DemoConfig, out: TextIO) -> int:
         try:
             socket_path = str(Path(tmp) / "lifecycle.sock")
             listen = cfg.listen or ("127.0.0.1", 0)
-            cfg = ServeConfig(redis=RedisConfig(url=redis_server.url), listen=listen,
+            serve = ServeConfig(redis=RedisConfig(url=redis_server.url), listen=listen,
                               socket=SocketConfig(path=socket_path), log=LogConfig(),
                               cleanup=CleanupConfig(host_pids_unique=True), hostname=cfg.hostname,
                               watch_interval=2.0, poll_interval=0.5)
-            async with Sidecar(cfg) as sidecar:
-                redis = connect(cfg.redis)
+            async with Sidecar(serve) as sidecar:
+                redis = connect(serve.redis)
                 demo = Demo(sidecar, redis, redis_server.url, socket_path, Path(tmp), p)
                 p.step("asynq-sidecar demo")
                 p.info(f"private Redis:  {redis_server.url}")

@@ -14,8 +14,9 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
+
 from redis.asyncio import Redis
 
 from exporter.asynq import model as asynq

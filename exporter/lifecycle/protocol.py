@@ -180,7 +180,7 @@ def _is_int(value: Any) -> bool:
 
 def _integer(obj: dict[str, Any], key: str, low: int, high: int) -> int:
     value = obj.get(key)
-    if not _is_int(value):
+    if not isinstance(value, int) or isinstance(value, bool):
         raise _Bad("invalid_field", f"'{key}' must be an integer, got {_json_type(value)}")
     if not low <= value <= high:
         raise _Bad("invalid_field", f"'{key}' must be from {low} to {high}, got {_show(value)}")
@@ -231,7 +231,7 @@ def encode(event: str, /, **fields: Any) -> bytes:
     """One protocol line: `encode("stopping", signal="SIGTERM", time=t)`. None fields are left out."""
     if event not in EVENTS:
         raise ValueError(f"unknown event {event!r}")
-    obj = {"event": event}
+    obj: dict[str, Any] = {"event": event}
     if event == "hello":
         obj["protocol"] = VERSION
     obj.update({k: v for k, v in fields.items() if v is not None})

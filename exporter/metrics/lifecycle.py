@@ -14,12 +14,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from exporter.lifecycle.protocol import REASONS
 from exporter.lifecycle.tracker import (
-    OUTCOMES, Decision, Rejected, Tracker, Worker, WorkerExited, WorkerForgotten, WorkerRunning,
-    WorkerStarted, WorkerStopping,
+    OUTCOMES,
+    Decision,
+    Rejected,
+    Tracker,
+    Worker,
+    WorkerExited,
+    WorkerForgotten,
+    WorkerRunning,
+    WorkerStarted,
+    WorkerStopping,
 )
 from exporter.logs import RateLimiter
-from exporter.lifecycle.protocol import REASONS
 
 log = logging.getLogger("exporter.lifecycle.tracker")
 

@@ -16,7 +16,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from exporter import __version__
-
 from exporter.asynq import model as asynq
 from exporter.redisio.health import RedisHealth
 from exporter.registrations.reader import DetailsWatcher, RegistryCounts

@@ -11,7 +11,7 @@ from urllib.parse import unquote, urlsplit
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
@@ -28,14 +28,14 @@ class SentinelMaster(Redis):
     discards them) until the Sentinels reconfigure it. `follow_master` closes them instead.
     """
 
-    sentinel: Sentinel | None = None
+    sentinel: Sentinel | None = None  # type: ignore[assignment]  # redis-py's command of that name
 
     async def follow_master(self, interval: float) -> None:
         """Ask the Sentinels which server is the master every `interval` seconds; when it has
         moved, drop every connection (idle or in use) so that the next command goes to the new
         one. Runs until cancelled; errors here are left to the commands' own handling."""
         assert self.sentinel is not None
-        pool = self.connection_pool
+        pool: SentinelConnectionPool = self.connection_pool  # type: ignore[assignment]  # master_for made it
         while True:
             try:
                 address = await self.sentinel.discover_master(pool.service_name)
@@ -119,6 +119,7 @@ def _sentinel_master(cfg: RedisConfig, kwargs: dict[str, Any]) -> Redis:
     if cfg.sentinel_password is not None:
         sentinel_kwargs["password"] = cfg.sentinel_password
     sentinel = Sentinel(list(cfg.sentinels), sentinel_kwargs=sentinel_kwargs, **kwargs)
+    assert cfg.sentinel_master is not None  # resolve() requires it with --redis-sentinel
     client = sentinel.master_for(cfg.sentinel_master, redis_class=SentinelMaster)
     client.sentinel = sentinel
     return client

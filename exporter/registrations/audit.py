@@ -19,11 +19,10 @@ from typing import Any, TextIO
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-
 from exporter.asynq import model as asynq
-from exporter.settings import AuditConfig, RedisConfig
-from exporter.redisio.health import REDIS_FAILURES
 from exporter.redisio.connect import connect, redis_time
+from exporter.redisio.health import REDIS_FAILURES
+from exporter.settings import AuditConfig, RedisConfig
 
 log = logging.getLogger("exporter.registrations.audit")
 

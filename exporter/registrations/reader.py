@@ -171,7 +171,8 @@ async def read_details(redis: Redis, now: float, on_undecodable: Callable[[str, 
     cluster = isinstance(redis, RedisCluster)
     offset = 0
     while True:
-        members = await redis.zrange(asynq.SERVERS, now, "+inf", byscore=True, offset=offset, num=page)
+        members: list[bytes] = await redis.zrange(  # type: ignore[assignment]
+            asynq.SERVERS, now, "+inf", byscore=True, offset=offset, num=page)
         if not members:
             break
         await turn()
@@ -193,7 +194,7 @@ async def read_details(redis: Redis, now: float, on_undecodable: Callable[[str, 
             else:
                 values = await redis.mget(keys[i : i + chunk])
             await turn()
-            for key, value in zip(keys[i : i + chunk], values):
+            for key, value in zip(keys[i : i + chunk], values, strict=False):
                 _add_server(details, key, value, on_undecodable)
         if len(members) < page:
             break
@@ -315,7 +316,7 @@ class DetailsWatcher:
                     self.leader = bool(await self._take_lease(keys=[DETAILS_LEASE],
                                                               args=[self.identity, ttl_ms]))
                     if not self.leader:
-                        published = details_from_hash(await self._redis.hgetall(SHARED_DETAILS))
+                        published = details_from_hash(await self._redis.hgetall(SHARED_DETAILS))  # type: ignore[arg-type]
                         if published is not None:
                             self.latest = published
                         return  # none yet (a new leader is reading): the last one stays, aging
@@ -326,7 +327,7 @@ class DetailsWatcher:
                 self.latest = details
                 if self.shared:
                     pipe = self._redis.pipeline(transaction=False)
-                    pipe.hset(SHARED_DETAILS, mapping=details_to_hash(details, self.identity))
+                    pipe.hset(SHARED_DETAILS, mapping=details_to_hash(details, self.identity))  # type: ignore[arg-type]
                     pipe.pexpire(SHARED_DETAILS, int(self.interval * 3000))
                     await pipe.execute()
         except REDIS_FAILURES:
@@ -343,7 +344,7 @@ class DetailsWatcher:
             with self._health.op("release the details lease"):
                 await asyncio.wait_for(self._release_lease(keys=[DETAILS_LEASE], args=[self.identity]),
                                        1.0)
-        except (*REDIS_FAILURES, TimeoutError):
+        except REDIS_FAILURES:  # TimeoutError among them
             pass  # it expires by itself
         self.leader = False
 

@@ -19,18 +19,18 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from exporter import __version__
-from exporter.redisio.health import REDIS_FAILURES, RedisHealth
 from exporter.cleanup.sink import Cleanup
 from exporter.cleanup.sweep import Sweeper, sweep_periodically
-from exporter.server.http import build_app
-from exporter.settings import ServeConfig
+from exporter.lifecycle.listener import LifecycleSocket
 from exporter.lifecycle.tracker import Decision, Event, State, Tracker, WorkerForgotten
 from exporter.metrics.lifecycle import LifecycleLog, LifecycleMetrics
-from exporter.lifecycle.listener import LifecycleSocket
 from exporter.metrics.registrations import RegistryCollector, new_registry
 from exporter.redisio.clock import RedisClock
 from exporter.redisio.connect import SentinelMaster, connect
+from exporter.redisio.health import REDIS_FAILURES, RedisHealth
 from exporter.registrations.reader import DetailsWatcher, RegistryCounts, ScrapesFirst
+from exporter.server.http import build_app
+from exporter.settings import ServeConfig
 
 log = logging.getLogger("exporter.server.sidecar")
 

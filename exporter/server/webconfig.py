@@ -180,7 +180,7 @@ class BasicAuth:
 
     def __init__(self, users: Mapping[str, bytes], *, on_reject: Callable[[str], None] | None = None,
                  check: Callable[[bytes, bytes], bool] | None = None) -> None:
-        import bcrypt
+        import bcrypt  # noqa: PLC0415 - only with basic_auth_users configured
 
         self._users = [(name.encode("utf-8"), hashed) for name, hashed in users.items()]
         self._check = check or bcrypt.checkpw
@@ -379,10 +379,10 @@ def _tls(doc: Any, base_dir: str) -> TLSServerConfig | None:
     if prefer is not None and not isinstance(prefer, bool):
         raise WebConfigError(f"{where}.prefer_server_cipher_suites: expected true or false")
     cert = _file(doc, "cert_file", base_dir, where)
-    key = _file(doc, "key_file", base_dir, where)
+    key_file = _file(doc, "key_file", base_dir, where)
     if cert is None:
         raise WebConfigError(f"{where}.cert_file: required when tls_server_config is set")
-    if key is None:
+    if key_file is None:
         raise WebConfigError(f"{where}.key_file: required when tls_server_config is set")
     auth = _string(doc, "client_auth_type", where) or "NoClientCert"
     if auth in _UNVERIFIED_CLIENT_AUTH:
@@ -412,7 +412,7 @@ def _tls(doc: Any, base_dir: str) -> TLSServerConfig | None:
     if _TLS_VERSIONS[versions["min_version"]] > _TLS_VERSIONS[versions["max_version"]]:
         raise WebConfigError(f"{where}.min_version: {versions['min_version']} is above "
                              f"max_version {versions['max_version']}")
-    return TLSServerConfig(cert_file=cert, key_file=key, client_auth_type=auth, client_ca_file=ca_file,
+    return TLSServerConfig(cert_file=cert, key_file=key_file, client_auth_type=auth, client_ca_file=ca_file,
                            client_ca=ca_inline, **versions)
 
 

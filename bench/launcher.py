@@ -154,9 +154,9 @@ def measure(prefix: list[str], reps: int, signals: int) -> dict[str, list[float]
 def go_launcher() -> tuple[Path | None, str]:
     """The static launcher, built as the tests build it (cached); or None and why not."""
     try:
-        from tests.gobuild import build_launcher, find_go
+        from tests.support.gobuild import build_launcher, find_go
     except ImportError as e:  # pragma: no cover - the test extras are missing
-        return None, f"tests.gobuild: {e}"
+        return None, f"tests.support.gobuild: {e}"
     go = find_go()
     if go is None:
         return None, "go is not installed"

@@ -5,7 +5,7 @@
 #   - a virtual environment in .venv with the project and its extras;
 #   - Go (found on PATH or at /usr/local/go/bin/go; under CI=true a missing go fails), the Go
 #     modules the tests build with (go/'s own, and asynq at each version the tests' peer uses),
-#     and the tests' Go binaries, built into their cache (tests/gobuild.py).
+#     and the tests' Go binaries, built into their cache (tests/support/gobuild.py).
 # Usage: scripts/setup.sh [EXTRAS]   (EXTRAS defaults to "test,demo")
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -77,6 +77,6 @@ if [[ "$extras" == *test* ]]; then
       rm -rf "$tmp"
     done
     # Build (or find cached) every Go binary the tests run, so that the test session only runs them.
-    PATH="$(dirname "$go"):$PATH" .venv/bin/python -m tests.gobuild >/dev/null
+    PATH="$(dirname "$go"):$PATH" .venv/bin/python -m tests.support.gobuild >/dev/null
   fi
 fi

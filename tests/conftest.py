@@ -1,9 +1,8 @@
-"""Shared fixtures: a real redis-server on a private port, and a sidecar config factory."""
+"""Shared fixtures: a real redis-server on a private port, a sidecar config factory, and (through
+`pytest_plugins`) those of tests/support/."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 
 import pytest
@@ -13,18 +12,14 @@ import redis.asyncio as redis_async
 from exporter.devtools.redis_server import RedisServer
 from exporter.settings import CleanupConfig, LogConfig, RedisConfig, ServeConfig, SocketConfig
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def require_tool(name: str) -> str:
-    """Path of a command-line tool; skip without it, but fail under CI=true (CI installs it)."""
-    path = shutil.which(name)
-    if path:
-        return path
-    if IN_CI:
-        pytest.fail(f"{name} is not installed; scripts/setup.sh installs it under CI")
-    pytest.skip(f"{name} is not installed (scripts/setup.sh installs it where apt-get works)")
-
+# Fixtures of the support modules, for every test: a test names them as parameters, never imports them.
+pytest_plugins = [
+    "tests.support.faults",
+    "tests.support.gobuild",
+    "tests.support.lifecycle",
+    "tests.support.pki",
+    "tests.support.prom",
+]
 
 @pytest.fixture(scope="session")
 def redis_server():

@@ -2,7 +2,7 @@
 
 `serve` decodes no other message, and the protobuf runtime costs a sidecar about 3 MiB of
 memory and a few tens of milliseconds of start-up, in every pod. This reader accepts what
-protobuf's own parser accepts for ServerInfo (tests/test_pbwire.py compares the two on generated
+protobuf's own parser accepts for ServerInfo (tests/asynq/test_pbwire.py compares the two on generated
 and on random bytes) and gives the same values:
 
 - fields in any order; a field given twice: the last value wins (a message field, start_time,

@@ -1,7 +1,7 @@
 """Asynq's protobuf messages, built at import from descriptors that mirror `asynq.proto`.
 
 Building the descriptors in code keeps the package free of generated `_pb2` files (whose
-gencode/runtime version pairing breaks across protobuf majors). tests/test_asynq_model.py
+gencode/runtime version pairing breaks across protobuf majors). tests/asynq/test_model.py
 compiles `asynq.proto` with protoc and checks that it yields exactly these descriptors.
 """
 

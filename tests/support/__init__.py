@@ -1,0 +1,1 @@
+"""What the tests share: waiting helpers, process fixtures, real Prometheus, PKI, Go builds."""

@@ -13,6 +13,8 @@ from exporter.devtools.redis_server import RedisServer
 from exporter.settings import CleanupConfig, LogConfig, RedisConfig, ServeConfig, SocketConfig
 
 # Fixtures of the support modules, for every test: a test names them as parameters, never imports them.
+# Their asserts are rewritten too (they import one another, so not all load as plugins first).
+pytest.register_assert_rewrite("tests.support")
 pytest_plugins = [
     "tests.support.faults",
     "tests.support.gobuild",

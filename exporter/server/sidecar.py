@@ -14,7 +14,7 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
@@ -23,6 +23,7 @@ from exporter.cleanup.sink import Cleanup
 from exporter.cleanup.sweep import Sweeper, sweep_periodically
 from exporter.lifecycle.listener import LifecycleSocket
 from exporter.lifecycle.tracker import Decision, Event, State, Tracker, WorkerForgotten
+from exporter.metrics.http import refused_requests
 from exporter.metrics.lifecycle import LifecycleLog, LifecycleMetrics
 from exporter.metrics.registrations import RegistryCollector, new_registry
 from exporter.redisio.clock import RedisClock
@@ -31,6 +32,9 @@ from exporter.redisio.health import REDIS_FAILURES, RedisHealth
 from exporter.registrations.reader import DetailsWatcher, RegistryCounts, ScrapesFirst
 from exporter.server.http import build_app
 from exporter.settings import ServeConfig
+
+if TYPE_CHECKING:  # loaded only with --web-config-file (YAML, bcrypt)
+    from exporter.server.webconfig import WebConfig
 
 log = logging.getLogger("exporter.server.sidecar")
 
@@ -226,7 +230,7 @@ class Sidecar:
         web_cfg = cfg.web  # --web-config-file: TLS and basic auth, or None
         app = build_app(self.registry, before_scrape=self._before_scrape, redis_ready=self._redis_ready,
                         socket_listening=lambda: self.lifesocket.listening,
-                        middlewares=web_cfg.middlewares(self.registry) if web_cfg is not None else ())
+                        middlewares=self._middlewares(web_cfg))
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                shutdown_timeout=1.0)
         await runner.setup()
@@ -240,6 +244,12 @@ class Sidecar:
                  self.http_url, cfg.redis.display_url, cfg.hostname)
         if web_cfg is not None:
             log.info("web config %s", web_cfg.describe())
+
+    def _middlewares(self, web_cfg: WebConfig | None) -> list[Any]:
+        """--web-config-file's headers and basic auth; refusals counted when auth is on."""
+        if web_cfg is None:
+            return []
+        return web_cfg.middlewares(on_reject=refused_requests(self.registry) if web_cfg.users else None)
 
     def _proven(self, conn: int) -> bool:
         """Whether a live worker on this connection has shown it is an asynq worker: its

@@ -25,7 +25,6 @@ from typing import Any
 
 import yaml
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter
 
 from exporter.logs import RateLimiter
 
@@ -152,19 +151,14 @@ class WebConfig:
             parts.append("no basic auth")
         return f"{self.path}: " + ", ".join(parts)
 
-    def middlewares(self, registry: CollectorRegistry | None = None) -> list[Any]:
+    def middlewares(self, on_reject: Callable[[str], None] | None = None) -> list[Any]:
         """aiohttp middlewares: response headers, then basic auth when users are configured.
-        Refused requests are counted on `registry` by reason (missing, malformed, denied)."""
+        `on_reject(reason)` is told of each refused request (missing, malformed, denied)."""
         out: list[Any] = []
         if self.headers:
             out.append(_headers_middleware(dict(self.headers)))
         if self.users:
-            refused = Counter("asynq_sidecar_http_requests_refused",
-                              "HTTP requests refused by basic auth, by reason: missing, "
-                              "malformed or denied credentials.", ["reason"], registry=registry)
-            for reason in ("missing", "malformed", "denied"):
-                refused.labels(reason=reason)
-            out.append(BasicAuth(self.users, on_reject=lambda r: refused.labels(reason=r).inc()).middleware)
+            out.append(BasicAuth(self.users, on_reject=on_reject).middleware)
         return out
 
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from exporter.server.sidecar import Sidecar
-from tests import promql_names as pn
+from tests.support import promql_names as pn
 from tests.support.helpers import eventually, register_server, scrape
 from tests.support.tools import require_tool
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from exporter.server.sidecar import Sidecar
-from tests import promql_names as pn
+from tests.support import promql_names as pn
 from tests.support.helpers import eventually, register_server, scrape
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -105,13 +105,20 @@ func main() {
 	defer rdb.Close()
 	host, _ := os.Hostname()
 	prefix := fmt.Sprintf("asynq:servers:{%s:%d:", host, os.Getpid())
-	var serverID string
-	known := make(chan struct{}) // closed once serverID is set
+	var member, serverID string
+	known := make(chan struct{}) // closed once member and serverID are set
+	// A twin (the same host and pid in another PID namespace) may be registered already: this
+	// server's registration is the one that was not there before it started.
+	before, err := withPrefix(rdb, prefix)
+	if err != nil {
+		log.Fatal(err)
+	}
 	go func() {
-		member, err := waitRegistered(rdb, prefix)
+		m, err := waitRegistered(rdb, prefix, before)
 		if err != nil {
 			log.Fatal(err)
 		}
+		member = m
 		serverID = strings.TrimSuffix(strings.TrimPrefix(member, prefix), "}")
 		close(known)
 		fmt.Println("ready", os.Getpid(), serverID)
@@ -158,9 +165,13 @@ func main() {
 		<-sigs
 		srv.Shutdown()
 	}
-	left, err := registered(rdb, prefix)
-	if err != nil {
-		log.Fatal(err)
+	left := false
+	select {
+	case <-known:
+		if left, err = registered(rdb, member); err != nil {
+			log.Fatal(err)
+		}
+	default: // it never registered: nothing of it is left
 	}
 	fmt.Printf("exit registered=%t\n", left)
 }
@@ -220,18 +231,42 @@ func parseQueues(spec string) (map[string]int, string, error) {
 	return weights, first, nil
 }
 
-// waitRegistered polls asynq:servers until a member of this host and pid appears.
-func waitRegistered(rdb *redis.Client, prefix string) (string, error) {
+// withPrefix lists the members of asynq:servers that start with prefix.
+func withPrefix(rdb *redis.Client, prefix string) (map[string]bool, error) {
+	members, err := rdb.ZRange(context.Background(), "asynq:servers", 0, -1).Result()
+	if err != nil {
+		return nil, err
+	}
+	found := map[string]bool{}
+	for _, m := range members {
+		if strings.HasPrefix(m, prefix) {
+			found[m] = true
+		}
+	}
+	return found, nil
+}
+
+// waitRegistered polls asynq:servers until a member of this host and pid that is not in before
+// appears; two new ones at once (twins started together) cannot be told apart: an error.
+func waitRegistered(rdb *redis.Client, prefix string, before map[string]bool) (string, error) {
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
-		members, err := rdb.ZRange(context.Background(), "asynq:servers", 0, -1).Result()
+		found, err := withPrefix(rdb, prefix)
 		if err != nil {
 			return "", err
 		}
-		for _, m := range members {
-			if strings.HasPrefix(m, prefix) {
-				return m, nil
+		var fresh []string
+		for m := range found {
+			if !before[m] {
+				fresh = append(fresh, m)
 			}
+		}
+		switch len(fresh) {
+		case 0:
+		case 1:
+			return fresh[0], nil
+		default:
+			return "", fmt.Errorf("registrations %v appeared at once: which is this server's is unknown", fresh)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -240,17 +275,12 @@ func waitRegistered(rdb *redis.Client, prefix string) (string, error) {
 
 // registered reads asynq:servers directly, not through the Inspector: listing servers with the
 // Inspector also removes other servers' expired members, which is the sidecar's job under test.
-func registered(rdb *redis.Client, prefix string) (bool, error) {
-	members, err := rdb.ZRange(context.Background(), "asynq:servers", 0, -1).Result()
-	if err != nil {
-		return false, err
+func registered(rdb *redis.Client, member string) (bool, error) {
+	_, err := rdb.ZScore(context.Background(), "asynq:servers", member).Result()
+	if errors.Is(err, redis.Nil) {
+		return false, nil
 	}
-	for _, m := range members {
-		if strings.HasPrefix(m, prefix) {
-			return true, nil
-		}
-	}
-	return false, nil
+	return err == nil, err
 }
 
 type workerJSON struct {

@@ -24,6 +24,8 @@ from exporter import asynq, logs
 from exporter.config import LogConfig, RedisConfig
 from exporter.health import REDIS_FAILURES
 from exporter.redisconn import connect, redis_time
+from exporter.tasks import QueueTasks, read_stale
+from exporter.tasksaudit import TASK_IDS, print_stale_tasks, stale_tasks_json
 
 log = logging.getLogger("exporter.audit")
 
@@ -63,6 +65,7 @@ class Report:
     registrations: list[Registration] = field(default_factory=list)
     undecodable_members: int = 0
     undecodable_values: int = 0
+    tasks: dict[str, QueueTasks] = field(default_factory=dict)  # asynq's queues: stale tasks
 
     def counts(self) -> dict[str, dict[str, int]]:
         out = {name: {"live": 0, "expired": 0} for name in asynq.SETS}
@@ -82,7 +85,8 @@ class Report:
         summary.update(expired=self.expired, undecodable_members=self.undecodable_members,
                        undecodable_values=self.undecodable_values)
         return {"redis_url": self.redis_url, "time": self.time,
-                "registrations": [asdict(reg) for reg in self.registrations], "summary": summary}
+                "registrations": [asdict(reg) for reg in self.registrations], "summary": summary,
+                "tasks": stale_tasks_json(self.tasks, self.time)}
 
 
 # ---------------------------------------------------------------- reading (never writing)
@@ -202,6 +206,7 @@ async def read_report(redis: Redis, now: float | None = None, display_url: str =
             readable.append((reg, member))
         for page in _chunks(readable, PAGE):
             await _read_keys(redis, page, report)
+    report.tasks = await read_stale(redis, now, keep=TASK_IDS)
     return report
 
 
@@ -278,6 +283,7 @@ def print_table(report: Report, out: TextIO) -> None:
     else:
         out.write("No registrations.\n")
     out.write("\n" + summary_line(report) + "\n")
+    print_stale_tasks(report.tasks, report.time, out)
 
 
 # ---------------------------------------------------------------- command

@@ -38,6 +38,7 @@ from exporter.health import REDIS_FAILURES, RedisHealth
 from exporter.lifecycle import (Decision, RegistrationSeen, ServerIdReported, Worker, WorkerExited,
                                 WorkerForgotten, WorkerStarted)
 from exporter.redisclock import RedisClock
+from exporter.taskrecovery import TaskRecovery
 from exporter.removal import (ABSENT, KEPT, REMOVE_IF_UNCHANGED, REMOVED, Claim, Verdict, claim,
                               verdict)
 
@@ -309,8 +310,10 @@ class Cleanup:
     def __init__(self, redis: Redis, health: RedisHealth, cfg: CleanupConfig, *,
                  registry: CollectorRegistry, submit: Callable[[Any], None],
                  spawn: Callable[[Any, str], asyncio.Task[Any]], poll_interval: float = 1.0,
-                 hostname: str | None = None, clock: RedisClock | None = None) -> None:
+                 hostname: str | None = None, clock: RedisClock | None = None,
+                 tasks: TaskRecovery | None = None) -> None:
         self.store = RegistrationStore(redis)
+        self.tasks = tasks  # --recover-tasks: a proven-dead worker's tasks go to asynq's recoverer
         self.redis = redis
         self.health = health
         self.cfg = cfg
@@ -601,12 +604,19 @@ class Cleanup:
         reason = "worker_exit" if o.claim.workers else "previous_incarnation"
         # The workers hash goes with the removal: read its task count first.
         in_flight = await self.store.in_flight(o.member) if o.claim.workers and not dep.tasks_counted else 0
+        # Only a death proven (verdict NOW) hands the worker's tasks to asynq's recoverer: what
+        # its last beat listed is read before the removal deletes the hash, acted on after it.
+        last_beat = []
+        if self.tasks is not None and how is Verdict.NOW and o.claim.workers:
+            last_beat = await self.tasks.last_beat_tasks(o.member.sibling("workers"))
         if self.cfg.mode == "on":
             result = await self.store.remove(o.member, seen, how, self.cfg.settle)
             if result == KEPT:
                 return KEPT
         else:
             result = REMOVED
+        if last_beat:
+            await self.tasks.worker_died(last_beat, f"worker pid {w.pid} on {w.host}")
         self.last_counted_at = time.monotonic()  # a metric changes below: the linger waits for a scrape
         if o.claim.workers:
             self._count_leak(dep, in_flight)

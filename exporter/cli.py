@@ -30,7 +30,8 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
               "asynq:workers and asynq:schedulers, with their per-server keys, in short batches "
               "under a lock. Exit 0: swept, or another sweep holds the lock (nothing done); "
               "1: the lock was lost mid-sweep; 2: Redis cannot be reached.",
-              GROUPS["redis"] + ("grace", "sweep-batch", "dry-run", "json", "log-level", "log-format")),
+              GROUPS["redis"] + ("grace", "sweep-batch", "repair-tasks", "dry-run", "json", "log-level",
+                                 "log-format")),
     "run": ("exporter.launcher",
             "Start a worker (-- CMD ARGS...) and report its lifecycle: hello, stopping on "
             "SIGTERM/SIGINT, exited; forward signals; exit with its status. --serve runs the "

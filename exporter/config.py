@@ -307,6 +307,16 @@ OPTIONS: dict[str, Option] = {
                "and that is removed at once. shared (the safe default; hostNetwork pods, several "
                "worker containers in one pod): without a reported server id, a dead worker's "
                "registration is removed only once expired.", "MODE"),
+        Option("recover-tasks", one_of("off", "dry-run", "on"), "dry-run",
+               "Hand stale tasks back to asynq's own recoverer (docs/stale-tasks.md): on a proven "
+               "worker death, expire the leases of the tasks its last heartbeat listed; the "
+               "fleet's details leader gives an orphaned task (active, no lease, run by no live "
+               "server for two heartbeats) an expired lease. The sidecar never retries, requeues "
+               "or archives a task itself. dry-run: count and log only; off: neither.", "MODE"),
+        Option("repair-tasks", boolean, False,
+               "Also give every orphaned task (active, no lease, run by no live server at two looks "
+               "10 s apart) an expired lease, so that asynq's recoverer retries it; with --dry-run, "
+               "only count them.", switch=True),
         Option("sweep-interval", seconds_or_zero, 0.0,
                "Run a fleet sweep every this many seconds (0: off).", "SECONDS"),
         Option("grace", seconds_or_zero, 60.0,
@@ -338,7 +348,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "http": ("listen", "web-config-file"),
     "socket": ("socket", "socket-mode", "max-connections", "hello-timeout", "socket-allow-uid"),
     "worker": ("hostname", "watch-interval", "details-sharing", "poll-interval", "shutdown-budget", "stop-timeout"),
-    "cleanup": ("cleanup", "settle", "host-pids", "sweep-interval", "grace", "sweep-batch"),
+    "cleanup": ("cleanup", "settle", "host-pids", "recover-tasks", "sweep-interval", "grace", "sweep-batch"),
     "log": ("log-level", "log-format"),
 }
 SERVE_OPTIONS = GROUPS["redis"] + GROUPS["http"] + GROUPS["socket"] + GROUPS["worker"] + GROUPS["cleanup"] + GROUPS["log"]
@@ -537,12 +547,14 @@ class CleanupConfig:
     sweep_interval: float = 0.0
     sweep_grace: float = 60.0
     sweep_batch: int = 500
+    recover_tasks: str = "dry-run"  # off | dry-run | on
 
     @classmethod
     def from_values(cls, v: Mapping[str, Any]) -> CleanupConfig:
         return cls(mode=v["cleanup"], settle=v["settle"], host_pids_unique=v["host_pids"] == "unique",
                    sweep_interval=v["sweep_interval"],
-                   sweep_grace=v["grace"], sweep_batch=v["sweep_batch"])
+                   sweep_grace=v["grace"], sweep_batch=v["sweep_batch"],
+                   recover_tasks=v.get("recover_tasks", "dry-run"))
 
 
 @dataclass(frozen=True)

@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from exporter import asynq
+from exporter import asynq, tasks
 from exporter.health import REDIS_FAILURES, RedisHealth
 
 log = logging.getLogger("exporter.registry")
@@ -39,20 +42,36 @@ class SetCounts:
 class CountsSnapshot:
     at: float
     sets: dict[str, SetCounts]
+    # asynq's queues (asynq:queues) and each one's task counts, when read with the sets.
+    queue_names: list[str] = field(default_factory=list)
+    queues: dict[str, tasks.QueueCounts] = field(default_factory=dict)
 
 
-async def read_counts(redis: Redis, now: float) -> CountsSnapshot:
+async def read_counts(redis: Redis, now: float, queues: Sequence[str] | None = None) -> CountsSnapshot:
     """Live/expired counts and the oldest expired score of each set, in one round trip.
 
     A member is live when its score (an expiry time in whole seconds) is at or after `now`,
-    expired when it is before. Nine commands, each O(log N).
+    expired when it is before. Nine commands, each O(log N). With `queues` (the queue names
+    known from the previous read), the same round trip also reads asynq:queues (SMEMBERS) and
+    three O(1)/O(log N) commands per known queue (exporter.tasks.add_count_commands): 9 + 1 +
+    3 x queues commands, whatever the number of tasks.
     """
     pipe = redis.pipeline(transaction=False)
     for key in asynq.SETS.values():
         pipe.zcount(key, now, "+inf")
         pipe.zcount(key, "-inf", f"({now}")
         pipe.zrange(key, 0, 0, withscores=True)  # lowest score: the oldest expiry
+    if queues is not None:
+        pipe.smembers(tasks.QUEUES)
+        tasks.add_count_commands(pipe, queues, now)
     replies = await pipe.execute()
+    if queues is None:
+        return CountsSnapshot(at=now, sets=_set_counts(replies, now))
+    return CountsSnapshot(at=now, sets=_set_counts(replies, now), queue_names=tasks.queue_names(replies[9]),
+                          queues=tasks.parse_counts(replies[10:], queues, now))
+
+
+def _set_counts(replies: Sequence[object], now: float) -> dict[str, SetCounts]:
     sets: dict[str, SetCounts] = {}
     for i, name in enumerate(asynq.SETS):
         live, expired, lowest = replies[3 * i : 3 * i + 3]
@@ -60,7 +79,7 @@ async def read_counts(redis: Redis, now: float) -> CountsSnapshot:
         if expired and lowest:
             oldest_age = max(0.0, now - float(lowest[0][1]))
         sets[name] = SetCounts(live=int(live), expired=int(expired), oldest_expired_age=oldest_age)
-    return CountsSnapshot(at=now, sets=sets)
+    return sets
 
 
 class RegistryCounts:
@@ -73,6 +92,7 @@ class RegistryCounts:
         self.snapshot: CountsSnapshot | None = None
         self.fresh = False  # False when the last refresh failed: counts are then not exported
         self._inflight: asyncio.Future[None] | None = None
+        self._queues: list[str] = []  # asynq's queues as of the last refresh
 
     async def refresh(self) -> None:
         if self._inflight is not None:
@@ -87,7 +107,16 @@ class RegistryCounts:
     async def _refresh(self) -> None:
         try:
             with self._health.op("read registration counts"):
-                self.snapshot = await read_counts(self._redis, self._clock())
+                now = self._clock()
+                snapshot = await read_counts(self._redis, now, self._queues)
+                # A queue that appeared since the last refresh: its counts in a second round
+                # trip, this once; a queue that is gone is left out.
+                new = [q for q in snapshot.queue_names if q not in snapshot.queues]
+                if new:
+                    snapshot.queues.update(await tasks.read_counts(self._redis, new, now))
+                self._queues = snapshot.queue_names
+                self.snapshot = dataclasses.replace(
+                    snapshot, queues={q: snapshot.queues[q] for q in snapshot.queue_names})
             self.fresh = True
         except REDIS_FAILURES:
             self.fresh = False
@@ -143,6 +172,7 @@ class ServerDetails:
     concurrency: int = 0
     active_tasks: int = 0
     missing: int = 0  # live members whose per-server key has already expired
+    orphaned: dict[str, int] | None = None  # per queue, when the read covered tasks
 
 
 async def read_details(redis: Redis, now: float, on_undecodable: Callable[[str, bytes], None],
@@ -249,6 +279,8 @@ def details_to_hash(d: ServerDetails, by: str) -> dict[str, str]:
            "missing": str(d.missing), "by": by}
     for status in (*asynq.SERVER_STATUSES, "unknown"):  # all of them: a zero overwrites a count
         out[f"status:{status}"] = str(d.by_status.get(status, 0))
+    if d.orphaned is not None:  # one field: a queue that is gone does not linger
+        out["orphaned_tasks"] = json.dumps(d.orphaned, sort_keys=True)
     return out
 
 
@@ -264,7 +296,19 @@ def details_from_hash(h: dict[bytes, bytes]) -> ServerDetails | None:
     for key, value in text.items():
         if key.startswith("status:") and value.isdigit():
             d.by_status[key[len("status:"):]] = int(value)
+    try:
+        orphaned = json.loads(text.get("orphaned_tasks", "null"))
+        if isinstance(orphaned, dict):
+            d.orphaned = {str(q): int(n) for q, n in orphaned.items()}
+    except (ValueError, TypeError):
+        pass  # not ours: no orphan counts
     return d
+
+
+class TaskReader(Protocol):
+    """Reads asynq's tasks along with the server details (exporter.taskrecovery.TaskRecovery)."""
+
+    async def read(self, now: float, turn: Callable[[], Awaitable[None]]) -> dict[str, int]: ...
 
 
 class DetailsWatcher:
@@ -279,7 +323,7 @@ class DetailsWatcher:
 
     def __init__(self, redis: Redis, health: RedisHealth, interval: float, *,
                  shared: bool = False, identity: str = "", scrapes_first: ScrapesFirst | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, task_reader: TaskReader | None = None) -> None:
         self._redis = redis
         self._health = health
         self.interval = interval
@@ -287,6 +331,7 @@ class DetailsWatcher:
         self.identity = identity
         self._clock = clock
         self._turn = scrapes_first.turn if scrapes_first is not None else _next_tick
+        self._tasks = task_reader  # the full read of asynq's tasks (orphans), made with the details
         self.latest: ServerDetails | None = None
         self.undecodable: Counter[str] = Counter()
         # The bad values already counted (each read meets them again), oldest first; bounded.
@@ -321,6 +366,8 @@ class DetailsWatcher:
                         return  # none yet (a new leader is reading): the last one stays, aging
                 details = await read_details(self._redis, self._clock(), self.count_undecodable,
                                              turn=self._turn)
+                if self._tasks is not None:
+                    details.orphaned = await self._tasks.read(self._clock(), self._turn)
                 details.at = self._clock()
                 self.full_reads += 1
                 self.latest = details

@@ -29,6 +29,7 @@ from exporter.metrics import RegistryCollector, new_registry
 from exporter.redisclock import RedisClock
 from exporter.redisconn import SentinelMaster, connect
 from exporter.registry import DetailsWatcher, RegistryCounts, ScrapesFirst
+from exporter.taskrecovery import QueueTasksCollector, TaskRecovery
 
 log = logging.getLogger("exporter.sidecar")
 
@@ -184,12 +185,16 @@ class Sidecar:
         self.redis_clock = RedisClock()
         self.counts = RegistryCounts(self.redis, self.health, clock=self.redis_clock.now)
         self.scrapes_first = ScrapesFirst()
+        self.task_recovery = TaskRecovery(self.redis, self.health, cfg.cleanup.recover_tasks,
+                                          registry=self.registry)
         self.watcher = DetailsWatcher(self.redis, self.health, cfg.watch_interval,
                                       shared=cfg.details_sharing, scrapes_first=self.scrapes_first,
                                       identity=f"{cfg.hostname}:{os.getpid()}:{id(self):x}",
-                                      clock=self.redis_clock.now)
+                                      clock=self.redis_clock.now, task_reader=self.task_recovery)
         self.registry.register(RegistryCollector(self.counts, self.watcher, self.health,
                                                  clock=self.redis_clock.now))
+        self.task_recovery.on_undecodable = self.watcher.count_undecodable
+        self.registry.register(QueueTasksCollector(self.counts, self.watcher))
         self._stack.push_async_callback(self.watcher.release)
 
         self._stack.push_async_callback(self._cancel_tasks)
@@ -200,7 +205,7 @@ class Sidecar:
 
         self.cleanup = Cleanup(self.redis, self.health, cfg.cleanup, registry=self.registry,
                                submit=self.submit, spawn=self.spawn, poll_interval=cfg.poll_interval,
-                               hostname=cfg.hostname, clock=self.redis_clock)
+                               hostname=cfg.hostname, clock=self.redis_clock, tasks=self.task_recovery)
         self.sinks.append(self.cleanup)
         self.spawn(self.cleanup.observe_forever(), "registration-observer")
         self.spawn(self.cleanup.remove_host_orphans(), "host-orphans")

@@ -648,10 +648,22 @@ def run(values: dict[str, Any], args: argparse.Namespace) -> int:
         done = f" after removing {report.removed} registration(s)" if report.removed else ""
         sys.stderr.write(f"asynq-sidecar sweep: Redis at {redis_cfg.display_url} failed{done}: "
                          f"{report.error}\n")
+    repair = None
+    if values.get("repair_tasks") and not report.error:
+        from exporter.tasksweep import repair_tasks
+
+        repair = repair_tasks(redis_cfg, dry_run=values["dry_run"])
     if values["json"]:
-        sys.stdout.write(json_document(report.to_json()) + "\n")
+        doc = report.to_json()
+        if repair is not None:
+            doc["tasks"] = repair.to_json()
+        sys.stdout.write(json_document(doc) + "\n")
     elif not report.error or report.removed:
         print_report(report, sys.stdout)
+        if repair is not None:
+            repair.print(sys.stdout)
+    if repair is not None and repair.error and not report.error:
+        return EXIT_REDIS
     return report.exit_code()
 
 

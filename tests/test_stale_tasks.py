@@ -298,3 +298,61 @@ def test_recover_tasks_is_dry_run_by_default_and_names_itself_when_wrong():
     assert ServeConfig.from_values(on).cleanup.recover_tasks == "on"
     with pytest.raises(ConfigError, match=r"--recover-tasks: invalid value 'yes': expected one of off, dry-run, on"):
         resolve(parser.parse_args(["serve", "--recover-tasks", "yes"]), SERVE_OPTIONS, environ={})
+
+
+# ---------------------------------------------------------------- an ACL without the queue keys
+
+
+@pytest.fixture
+def registrations_only_url(rdb, redis_url):
+    """A user granted only the registration keys (the ACL rule before tasks were measured)."""
+    user, password = "registrations-only", "pw-registrations-only"
+    rdb.execute_command("ACL", "SETUSER", user, "reset", "on", "resetkeys", "~asynq:servers*",
+                        "~asynq:workers*", "~asynq:schedulers*", "~asynq-sidecar:*", "resetchannels",
+                        "-@all", "+@read", "+@write", "+@scripting", "+@connection", "-@dangerous",
+                        "+time", f">{password}")
+    yield redis_url.replace("redis://", f"redis://{user}:{password}@")
+    rdb.execute_command("ACL", "DELUSER", user)
+
+
+async def test_an_acl_without_the_queue_keys_keeps_the_registry_metrics_and_cleanup(
+        rdb, ardb, make_config, registrations_only_url, caplog):
+    from exporter.config import RedisConfig
+
+    orphan(rdb, "orphan-1")
+    cfg = make_config(redis=RedisConfig(url=registrations_only_url, timeout=1.0),
+                      cleanup=CleanupConfig(recover_tasks="on"))
+    async with Sidecar(cfg) as sc:
+        conn = sc.new_conn_id()
+        sc.submit(Hello(conn, pid=1, host=HOST, server_id="dead", started_at=time.time()))
+        dead = emulated(ardb, 1, "dead", 2)
+        await dead.start()
+        await eventually(lambda: running(sc, conn), what="the worker running")
+        before = leases(rdb)
+        sc.submit(Exited(conn, signal="SIGKILL"))
+        await eventually(lambda: gone(rdb, dead.server_member) and sc.cleanup.idle, what="the cleanup")
+        text = await scrape(sc.http_url)
+        assert sc.watcher.latest is not None and sc.watcher.latest.orphaned is None
+    assert value(text, "asynq_sidecar_redis_up") == 1
+    assert value(text, "asynq_registry_entries", set="servers", state="live") == 0
+    assert value(text, "asynq_registry_concurrency") == 0
+    assert "asynq_queue_" not in text
+    assert leases(rdb) == before
+    assert "Redis refused to read a dead worker's tasks" in caplog.text
+    assert "cannot read asynq's queues" in caplog.text
+
+
+async def test_audit_with_an_acl_without_the_queue_keys_still_lists_registrations(
+        ardb, registrations_only_url):
+    import redis.asyncio as redis_async
+
+    from exporter.audit import read_report
+
+    await emulated(ardb, 1, "live", 1).start()
+    client = redis_async.Redis.from_url(registrations_only_url)
+    try:
+        report = await read_report(client)
+    finally:
+        await client.aclose()
+    assert report.counts()["servers"] == {"live": 1, "expired": 0}
+    assert report.tasks == {} and "no permissions" in (report.tasks_refused or "")

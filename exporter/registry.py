@@ -45,6 +45,7 @@ class CountsSnapshot:
     # asynq's queues (asynq:queues) and each one's task counts, when read with the sets.
     queue_names: list[str] = field(default_factory=list)
     queues: dict[str, tasks.QueueCounts] = field(default_factory=dict)
+    tasks_refused: str | None = None  # why the task counts could not be read (Redis's error)
 
 
 async def read_counts(redis: Redis, now: float, queues: Sequence[str] | None = None) -> CountsSnapshot:
@@ -61,12 +62,19 @@ async def read_counts(redis: Redis, now: float, queues: Sequence[str] | None = N
         pipe.zcount(key, now, "+inf")
         pipe.zcount(key, "-inf", f"({now}")
         pipe.zrange(key, 0, 0, withscores=True)  # lowest score: the oldest expiry
-    if queues is not None:
-        pipe.smembers(tasks.QUEUES)
-        tasks.add_count_commands(pipe, queues, now)
-    replies = await pipe.execute()
     if queues is None:
-        return CountsSnapshot(at=now, sets=_set_counts(replies, now))
+        return CountsSnapshot(at=now, sets=_set_counts(await pipe.execute(), now))
+    pipe.smembers(tasks.QUEUES)
+    tasks.add_count_commands(pipe, queues, now)
+    # A refused task command (an ACL that grants only the registration keys) must not cost the
+    # registration counts: errors come back as replies, and only the sets' are raised.
+    replies = await pipe.execute(raise_on_error=False)
+    for reply in replies[:9]:
+        if isinstance(reply, Exception):
+            raise reply
+    refused = next((r for r in replies[9:] if isinstance(r, Exception)), None)
+    if refused is not None:
+        return CountsSnapshot(at=now, sets=_set_counts(replies, now), tasks_refused=str(refused))
     return CountsSnapshot(at=now, sets=_set_counts(replies, now), queue_names=tasks.queue_names(replies[9]),
                           queues=tasks.parse_counts(replies[10:], queues, now))
 
@@ -93,6 +101,7 @@ class RegistryCounts:
         self.fresh = False  # False when the last refresh failed: counts are then not exported
         self._inflight: asyncio.Future[None] | None = None
         self._queues: list[str] = []  # asynq's queues as of the last refresh
+        self._refused_logged = False
 
     async def refresh(self) -> None:
         if self._inflight is not None:
@@ -109,6 +118,11 @@ class RegistryCounts:
             with self._health.op("read registration counts"):
                 now = self._clock()
                 snapshot = await read_counts(self._redis, now, self._queues)
+                if snapshot.tasks_refused and not self._refused_logged:
+                    self._refused_logged = True
+                    log.warning("cannot read asynq's queues (%s): the asynq_queue_* gauges are left "
+                                "out; docs/redis-topologies.md lists the keys to grant",
+                                snapshot.tasks_refused)
                 # A queue that appeared since the last refresh: its counts in a second round
                 # trip, this once; a queue that is gone is left out.
                 new = [q for q in snapshot.queue_names if q not in snapshot.queues]
@@ -308,7 +322,7 @@ def details_from_hash(h: dict[bytes, bytes]) -> ServerDetails | None:
 class TaskReader(Protocol):
     """Reads asynq's tasks along with the server details (exporter.taskrecovery.TaskRecovery)."""
 
-    async def read(self, now: float, turn: Callable[[], Awaitable[None]]) -> dict[str, int]: ...
+    async def read(self, now: float, turn: Callable[[], Awaitable[None]]) -> dict[str, int] | None: ...
 
 
 class DetailsWatcher:

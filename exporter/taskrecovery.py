@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from exporter import asynq, tasks
 from exporter.health import REDIS_FAILURES, RedisHealth
@@ -79,6 +80,15 @@ class TaskRecovery:
         self._orphans: dict[tuple[str, str], OrphanSeen] = {}
         # Told of each workers hash value that is not a WorkerInfo (kind "worker_info", key).
         self.on_undecodable: Callable[[str, bytes], None] = lambda kind, key: None
+        self._refused_logged: set[str] = set()
+
+    def _refused(self, what: str, error: ResponseError) -> None:
+        """Redis refused a task command (an ACL without asynq's queue keys, a Redis before 6.0.6
+        without LPOS): logged once per kind of work, never retried in a loop."""
+        if what not in self._refused_logged:
+            self._refused_logged.add(what)
+            log.warning("Redis refused to %s: %s (docs/redis-topologies.md lists the keys and "
+                        "commands to grant; docs/stale-tasks.md the Redis version)", what, error)
 
     # ------------------------------------------------------------ worker death
 
@@ -88,7 +98,11 @@ class TaskRecovery:
         with --recover-tasks off."""
         if self.mode == "off":
             return []
-        found, bad = await tasks.workers_tasks(self.redis, workers.key)
+        try:
+            found, bad = await tasks.workers_tasks(self.redis, workers.key)
+        except ResponseError as e:
+            self._refused("read a dead worker's tasks", e)
+            return []
         for task_id in bad:
             self.on_undecodable("worker_info", workers.key.encode() + b" " + task_id)
         return [t for t in found if t.lease is not None]  # no lease: nothing to expire
@@ -98,6 +112,13 @@ class TaskRecovery:
         the number handed, or that would be handed, to asynq's recoverer."""
         if not found or self.mode == "off":
             return 0
+        try:
+            return await self._worker_died(found, who)
+        except ResponseError as e:
+            self._refused("expire a dead worker's task leases", e)
+            return 0
+
+    async def _worker_died(self, found: list[tasks.LeasedTask], who: str) -> int:
         if self.mode == "dry-run":
             would = sum(await tasks.still_expirable(self.redis, found))
             self.metrics.would_recover.labels(reason="worker_death").inc(would)
@@ -122,14 +143,21 @@ class TaskRecovery:
 
     # ------------------------------------------------------------ orphans (the details leader)
 
-    async def read(self, now: float, turn: Callable[[], Awaitable[None]]) -> dict[str, int]:
+    async def read(self, now: float, turn: Callable[[], Awaitable[None]]) -> dict[str, int] | None:
         """One full read of the queues' tasks: orphans per queue (the gauge), and the repair of
-        those seen long enough. A failed repair is logged; the read's counts still stand."""
-        stale = await tasks.read_stale(self.redis, now, turn=turn)
+        those seen long enough. A failed repair is logged; the read's counts still stand. None
+        when Redis refuses the read (the server details stand without it)."""
+        try:
+            stale = await tasks.read_stale(self.redis, now, turn=turn)
+        except ResponseError as e:
+            self._refused("read asynq's queues", e)
+            return None
         orphans = {q: qt.orphaned for q, qt in stale.items()}
         if self.mode != "off":
             try:
                 await self.repair(orphans, now)
+            except ResponseError as e:
+                self._refused("repair orphaned tasks", e)
             except REDIS_FAILURES as e:
                 log.warning("orphaned task repair failed (retried at the next read): %s: %s",
                             type(e).__name__, e)

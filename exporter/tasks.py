@@ -31,6 +31,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from exporter import asynq, pbwire
+from exporter.redisconn import redis_time
 
 QUEUES = "asynq:queues"
 
@@ -313,10 +314,7 @@ async def still_expirable(redis: Redis, tasks: Sequence[LeasedTask]) -> list[boo
     """Dry run of EXPIRE_LEASES with read commands: would each task's lease be expired now?"""
     if not tasks:
         return []
-    now = await redis.time()
-    if isinstance(now, dict):
-        now = next(iter(now.values()))
-    expired = int(now[0]) - EXPIRE_BACK
+    expired = int(await redis_time(redis)) - EXPIRE_BACK
     pipe = redis.pipeline(transaction=False)
     for t in tasks:
         pipe.zscore(lease_key(t.queue), t.id)

@@ -26,7 +26,6 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 

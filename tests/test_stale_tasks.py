@@ -12,6 +12,8 @@ import socket
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from exporter import asynq, cli, taskrecovery, tasks
 from exporter.config import SERVE_OPTIONS, CleanupConfig, ConfigError, ServeConfig, SocketConfig, resolve
@@ -356,3 +358,71 @@ async def test_audit_with_an_acl_without_the_queue_keys_still_lists_registration
         await client.aclose()
     assert report.counts()["servers"] == {"live": 1, "expired": 0}
     assert report.tasks == {} and "no permissions" in (report.tasks_refused or "")
+
+
+# ---------------------------------------------------------------- WorkerInfo's queue, without protobuf
+
+
+@given(queue=st.text(max_size=40), task_id=st.text(max_size=40), payload=st.binary(max_size=64),
+       start=st.one_of(st.none(), st.floats(min_value=0, max_value=4e9)))
+@settings(max_examples=100, deadline=None)
+def test_worker_queue_reads_what_asynq_encodes(queue, task_id, payload, start):
+    info = asynq.WorkerInfo(host="h", pid=1, server_id="s", task_id=task_id, task_type="t", queue=queue,
+                            start_time=start, deadline=None)
+    assert tasks.worker_queue(asynq.encode_worker_info(info, payload)) == queue
+
+
+@given(data=st.binary(max_size=80))
+@settings(max_examples=300, deadline=None)
+def test_worker_queue_agrees_with_protobuf_on_any_bytes(data):
+    try:
+        expected = asynq.decode_worker_info(data).queue
+    except asynq.UndecodableError:
+        expected = None
+    try:
+        got = tasks.worker_queue(data)
+    except asynq.UndecodableError:
+        got = None
+    if expected is not None:
+        assert got == expected
+
+
+async def test_an_undecodable_workers_value_is_counted_and_the_other_tasks_still_go(rdb, ardb):
+    recovery = taskrecovery.TaskRecovery(ardb, RedisHealth("test"), "on", registry=new_registry())
+    bad: list[tuple[str, bytes]] = []
+    recovery.on_undecodable = lambda kind, key: bad.append((kind, key))
+    dead = emulated(ardb, 1, "dead", 2)
+    await dead.start()
+    rdb.hset(dead.workers_member.key, "garbage-task", b"\xff\xff\xff")
+    found = await recovery.last_beat_tasks(dead.workers_member)
+    assert sorted(t.id for t in found) == sorted(t.task_id for t in dead.tasks)
+    assert bad == [("worker_info", dead.workers_member.key.encode() + b" garbage-task")]
+    assert await recovery.worker_died(found, "a test worker") == 2
+
+
+# ---------------------------------------------------------------- the emulator's --leases
+
+
+async def test_the_emulator_leases_tasks_as_asynq_does(rdb, ardb):
+    clock = [1_000_000.0]
+    emulator = Emulator(ardb, EmulatorConfig(HOST, 3, "emu", tasks=2, leases=True, queues={DEFAULT: 1},
+                                             drain=0.0), clock=lambda: clock[0])
+    await emulator.start()
+    ids = sorted(t.task_id for t in emulator.tasks)
+    assert rdb.smembers(tasks.QUEUES) == {DEFAULT.encode()}
+    assert sorted(active(rdb)) == ids
+    assert leases(rdb) == {i: 1_000_030 for i in ids}
+    assert all(rdb.hget(task_key(DEFAULT, i), "state") == b"active" for i in ids)
+    assert sorted(k.decode() for k in rdb.hkeys(emulator.workers_member.key)) == ids
+    clock[0] += 5
+    rdb.zadd(tasks.lease_key(DEFAULT), {ids[0]: 1})  # expired in Redis, not in the server's own view
+    await emulator.beat()  # ExtendLease (ZADD XX) for every lease the server still holds
+    assert leases(rdb) == {i: 1_000_035 for i in ids}
+    clock[0] += 60  # a server whose own lease ran out never extends it again
+    rdb.zadd(tasks.lease_key(DEFAULT), {ids[0]: 2})
+    emulator.leases[ids[1]] = clock[0] + 1
+    await emulator.beat()
+    assert leases(rdb) == {ids[0]: 2, ids[1]: 1_000_095}
+    assert await emulator.shutdown()  # a graceful Shutdown requeues the unfinished tasks
+    assert active(rdb) == [] and leases(rdb) == {}
+    assert sorted(i.decode() for i in rdb.lrange(f"asynq:{{{DEFAULT}}}:pending", 0, -1)) == ids

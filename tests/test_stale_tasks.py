@@ -426,3 +426,13 @@ async def test_the_emulator_leases_tasks_as_asynq_does(rdb, ardb):
     assert await emulator.shutdown()  # a graceful Shutdown requeues the unfinished tasks
     assert active(rdb) == [] and leases(rdb) == {}
     assert sorted(i.decode() for i in rdb.lrange(f"asynq:{{{DEFAULT}}}:pending", 0, -1)) == ids
+
+
+def test_sweep_repair_tasks_reports_in_words(rdb, redis_url, capsys, monkeypatch, keep_logging):
+    monkeypatch.setattr(taskrecovery, "ORPHAN_CONFIRM_AFTER", 0.1)
+    orphan(rdb, "orphan-1")
+    assert cli.main(["sweep", "--redis-url", redis_url, "--repair-tasks", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would give 1 an expired lease for asynq's recoverer" in out
+    assert "queue default: orphan-1" in out
+    assert leases(rdb) == {}

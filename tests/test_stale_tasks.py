@@ -31,7 +31,7 @@ DEFAULT, CRITICAL = "default", "critical"
 def emulated(ardb, pid: int, server_id: str, n: int, queues=(DEFAULT,)) -> Emulator:
     """A server with `n` tasks in flight, leased as asynq's dequeue leaves them; it beats only
     when told (no background task), so what it wrote stays as written."""
-    return Emulator(ardb, EmulatorConfig(HOST, pid, server_id, tasks=n, leases=True,
+    return Emulator(ardb, EmulatorConfig(HOST, pid, server_id, tasks=n, leases=True, concurrency=max(10, n),
                                          queues={q: 1 for q in queues}, heartbeat=3600, drain=0.0))
 
 
@@ -436,3 +436,27 @@ def test_sweep_repair_tasks_reports_in_words(rdb, redis_url, capsys, monkeypatch
     assert "would give 1 an expired lease for asynq's recoverer" in out
     assert "queue default: orphan-1" in out
     assert leases(rdb) == {}
+
+
+@pytest.mark.parametrize("n", [3, 30])  # a few ids: LPOS each; more: the active list read once
+async def test_the_scripts_check_every_task_however_many(rdb, ardb, n):
+    ids = [f"orphan-{i}" for i in range(n)]
+    for i in ids:
+        orphan(rdb, i)
+    rdb.lrem(tasks.active_key(DEFAULT), 0, ids[0])  # no longer active
+    rdb.zadd(tasks.lease_key(DEFAULT), {ids[1]: 123})  # given a lease since
+    expected = {DEFAULT: ids[2:]}
+    assert await taskrecovery.repair_orphans(ardb, {DEFAULT: ids}, dry_run=True) == expected
+    assert set(leases(rdb)) == {ids[1]}
+    assert await taskrecovery.repair_orphans(ardb, {DEFAULT: ids}, dry_run=False) == expected
+    assert set(leases(rdb)) == set(ids[1:]) and leases(rdb)[ids[1]] == 123
+
+    recovery = taskrecovery.TaskRecovery(ardb, RedisHealth("test"), "on", registry=new_registry())
+    dead = emulated(ardb, 1, "dead", n)
+    await dead.start()
+    found = await recovery.last_beat_tasks(dead.workers_member)
+    rdb.lrem(tasks.active_key(DEFAULT), 0, found[0].id)
+    assert await recovery.worker_died(found, "a test worker") == n - 1
+    after = leases(rdb)
+    assert after[found[0].id] == found[0].lease
+    assert all(after[t.id] <= redis_now(rdb) - tasks.EXPIRE_BACK for t in found[1:])

@@ -456,6 +456,10 @@ async def test_the_scripts_check_every_task_however_many(rdb, ardb, n):
     await dead.start()
     found = await recovery.last_beat_tasks(dead.workers_member)
     rdb.lrem(tasks.active_key(DEFAULT), 0, found[0].id)
+    dry_run = taskrecovery.TaskRecovery(ardb, RedisHealth("test"), "dry-run", registry=new_registry())
+    before = leases(rdb)
+    assert await dry_run.worker_died(found, "a test worker") == n - 1
+    assert leases(rdb) == before
     assert await recovery.worker_died(found, "a test worker") == n - 1
     after = leases(rdb)
     assert after[found[0].id] == found[0].lease

@@ -617,7 +617,6 @@ class Cleanup:
             result = REMOVED
         if last_beat:
             await self.tasks.worker_died(last_beat, f"worker pid {w.pid} on {w.host}")
-            self.last_counted_at = time.monotonic()
         self.last_counted_at = time.monotonic()  # a metric changes below: the linger waits for a scrape
         if o.claim.workers:
             self._count_leak(dep, in_flight)

@@ -131,11 +131,13 @@ class TaskRecovery:
         for t in found:
             by_queue.setdefault(t.queue, []).append(t)
         for queue, listed in sorted(by_queue.items()):
-            args: list[object] = [tasks.EXPIRE_BACK]
-            for t in listed:
-                args += [t.id, repr(t.lease)]
-            replies = await self._expire(keys=[tasks.active_key(queue), tasks.lease_key(queue)], args=args)
-            done += sum(int(r) for r in replies)
+            for start in range(0, len(listed), tasks.SCRIPT_BATCH):
+                args: list[object] = [tasks.EXPIRE_BACK]
+                for t in listed[start:start + tasks.SCRIPT_BATCH]:
+                    args += [t.id, repr(t.lease)]
+                replies = await self._expire(keys=[tasks.active_key(queue), tasks.lease_key(queue)],
+                                             args=args)
+                done += sum(int(r) for r in replies)
         self.metrics.recovered.labels(reason="worker_death").inc(done)
         log.warning("%s died with %d task(s) in flight: expired the lease of %d (the others moved "
                     "since its last beat) for asynq's recoverer to retry them", who, len(found), done)
@@ -205,8 +207,11 @@ async def repair_orphans(redis: Redis, ready: dict[str, list[str]], *, dry_run: 
             flags = await tasks.still_orphaned(redis, queue, ids)
         else:
             assert script is not None
-            flags = [bool(int(r)) for r in await script(
-                keys=[tasks.active_key(queue), tasks.lease_key(queue)], args=[tasks.EXPIRE_BACK, *ids])]
+            flags = []
+            for start in range(0, len(ids), tasks.SCRIPT_BATCH):
+                flags += [bool(int(r)) for r in await script(
+                    keys=[tasks.active_key(queue), tasks.lease_key(queue)],
+                    args=[tasks.EXPIRE_BACK, *ids[start:start + tasks.SCRIPT_BATCH]])]
         repaired = [i for i, ok in zip(ids, flags) if ok]
         if repaired:
             out[queue] = repaired

@@ -197,6 +197,20 @@ async def _zset_all(redis: Redis, key: str) -> set[bytes]:
         start += PAGE
 
 
+async def _unleased_and_active(redis: Redis, queue: str, ids: Sequence[bytes | str]) -> list[bool]:
+    """For each id: no lease entry (ZSCORE, pipelined) and in the active list (read whole)."""
+    pipe = redis.pipeline(transaction=False)
+    for i in ids:
+        pipe.zscore(lease_key(queue), i)
+    scores = await pipe.execute()
+    present = set(await _list_all(redis, active_key(queue)))
+    return [s is None and _raw(i) in present for i, s in zip(ids, scores)]
+
+
+def _raw(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
 async def live_task_ids(redis: Redis, now: float,
                         turn: Callable[[], Awaitable[None]] = _next_tick) -> set[bytes]:
     """Every task id listed in the workers hash of a live server (a member of asynq:workers
@@ -225,9 +239,10 @@ async def read_stale(redis: Redis, now: float, *, keep: int = 0,
     """Every queue's active count and orphaned task ids, and (with `keep`) up to `keep` of its
     lease-expired tasks. Read commands only.
 
-    A candidate orphan (an id of the active list missing from the lease set) is read again by
-    itself (ZSCORE, LPOS) before it counts: the two lists are read one after the other, and a
-    task that finished, or was dequeued, in between must not look orphaned.
+    A candidate orphan (an id of the active list missing from the lease set) is checked again
+    before it counts (its ZSCORE, and the active list read once more): the two lists are read
+    one after the other, and a task that finished, or was dequeued, in between must not look
+    orphaned. No command is O(active) per task: an active list is only ever read whole, in pages.
     """
     queues = queue_names(await redis.smembers(QUEUES))
     out: dict[str, QueueTasks] = {}
@@ -249,13 +264,7 @@ async def read_stale(redis: Redis, now: float, *, keep: int = 0,
         missing = list(dict.fromkeys(i for i in active if i not in leased))
         await turn()
         if missing:
-            pipe = redis.pipeline(transaction=False)
-            for i in missing:
-                pipe.zscore(lease_key(q), i)
-                pipe.lpos(active_key(q), i)
-            replies = await pipe.execute()
-            still = [_text(i) for n, i in enumerate(missing)
-                     if replies[2 * n] is None and replies[2 * n + 1] is not None]
+            still = [_text(i) for i, ok in zip(missing, await _unleased_and_active(redis, q, missing)) if ok]
             if still:
                 candidates[q] = still
     if candidates:
@@ -267,21 +276,40 @@ async def read_stale(redis: Redis, now: float, *, keep: int = 0,
 
 # ---------------------------------------------------------------- the scripts (one queue each)
 
+#: Ids per script call: each call reads the active list at most once (LRANGE, O(active)) and
+#: then looks each id up in a Lua table, so one call's work in Redis stays bounded.
+SCRIPT_BATCH = 500
+
+# Is ARGV's task in KEYS[1] (the active list)? With a few ids, LPOS each (O(active) per id);
+# with more, the list read once into a table. `count` = the number of ids of the call.
+_IS_ACTIVE = """
+local present
+local function is_active(id, count)
+  if count <= 8 then return redis.call('LPOS', KEYS[1], id) ~= false end
+  if present == nil then
+    present = {}
+    for _, v in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do present[v] = true end
+  end
+  return present[id] == true
+end
+"""
+
 # KEYS[1] = asynq:{q}:active, KEYS[2] = asynq:{q}:lease (one hash tag: one slot); ARGV[1] =
 # seconds before TIME to set the lease to; then pairs of task id and the lease score seen.
 # A task's lease is set to TIME - ARGV[1] only if the task is still active and its lease score
 # is still the one seen (a live server's beat since would have moved it) and later than that.
 # Returns one 1 (expired) or 0 (skipped) per task.
-EXPIRE_LEASES = """
+EXPIRE_LEASES = _IS_ACTIVE + """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local expired = tonumber(t[1]) - tonumber(ARGV[1])
+local count = (#ARGV - 1) / 2
 local out = {}
 for i = 2, #ARGV, 2 do
   local done = 0
   local s = redis.call('ZSCORE', KEYS[2], ARGV[i])
   if s and tonumber(s) == tonumber(ARGV[i + 1]) and tonumber(s) > expired
-     and redis.call('LPOS', KEYS[1], ARGV[i]) then
+     and is_active(ARGV[i], count) then
     redis.call('ZADD', KEYS[2], 'XX', expired, ARGV[i])
     done = 1
   end
@@ -293,14 +321,15 @@ return out
 # KEYS as above; ARGV[1] = seconds before TIME; then task ids. A task gets a lease entry of
 # TIME - ARGV[1] only if it is still active and still has no lease entry at all.
 # Returns one 1 (given an expired lease) or 0 (skipped) per task.
-REPAIR_ORPHANS = """
+REPAIR_ORPHANS = _IS_ACTIVE + """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local expired = tonumber(t[1]) - tonumber(ARGV[1])
+local count = #ARGV - 1
 local out = {}
 for i = 2, #ARGV do
   local done = 0
-  if not redis.call('ZSCORE', KEYS[2], ARGV[i]) and redis.call('LPOS', KEYS[1], ARGV[i]) then
+  if not redis.call('ZSCORE', KEYS[2], ARGV[i]) and is_active(ARGV[i], count) then
     redis.call('ZADD', KEYS[2], 'NX', expired, ARGV[i])
     done = 1
   end
@@ -318,17 +347,12 @@ async def still_expirable(redis: Redis, tasks: Sequence[LeasedTask]) -> list[boo
     pipe = redis.pipeline(transaction=False)
     for t in tasks:
         pipe.zscore(lease_key(t.queue), t.id)
-        pipe.lpos(active_key(t.queue), t.id)
-    replies = await pipe.execute()
-    return [replies[2 * n] is not None and float(replies[2 * n]) == t.lease and float(replies[2 * n]) > expired
-            and replies[2 * n + 1] is not None for n, t in enumerate(tasks)]
+    scores = await pipe.execute()
+    present = {q: set(await _list_all(redis, active_key(q))) for q in sorted({t.queue for t in tasks})}
+    return [s is not None and float(s) == t.lease and float(s) > expired and _raw(t.id) in present[t.queue]
+            for t, s in zip(tasks, scores)]
 
 
 async def still_orphaned(redis: Redis, queue: str, ids: Sequence[str]) -> list[bool]:
     """Dry run of REPAIR_ORPHANS with read commands: is each task still active with no lease?"""
-    pipe = redis.pipeline(transaction=False)
-    for i in ids:
-        pipe.zscore(lease_key(queue), i)
-        pipe.lpos(active_key(queue), i)
-    replies = await pipe.execute()
-    return [replies[2 * n] is None and replies[2 * n + 1] is not None for n in range(len(ids))]
+    return await _unleased_and_active(redis, queue, ids)

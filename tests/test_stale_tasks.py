@@ -12,6 +12,8 @@ import socket
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from exporter import asynq, cli, taskrecovery, tasks
 from exporter.config import SERVE_OPTIONS, CleanupConfig, ConfigError, ServeConfig, SocketConfig, resolve
@@ -29,7 +31,7 @@ DEFAULT, CRITICAL = "default", "critical"
 def emulated(ardb, pid: int, server_id: str, n: int, queues=(DEFAULT,)) -> Emulator:
     """A server with `n` tasks in flight, leased as asynq's dequeue leaves them; it beats only
     when told (no background task), so what it wrote stays as written."""
-    return Emulator(ardb, EmulatorConfig(HOST, pid, server_id, tasks=n, leases=True,
+    return Emulator(ardb, EmulatorConfig(HOST, pid, server_id, tasks=n, leases=True, concurrency=max(10, n),
                                          queues={q: 1 for q in queues}, heartbeat=3600, drain=0.0))
 
 
@@ -356,3 +358,109 @@ async def test_audit_with_an_acl_without_the_queue_keys_still_lists_registration
         await client.aclose()
     assert report.counts()["servers"] == {"live": 1, "expired": 0}
     assert report.tasks == {} and "no permissions" in (report.tasks_refused or "")
+
+
+# ---------------------------------------------------------------- WorkerInfo's queue, without protobuf
+
+
+@given(queue=st.text(max_size=40), task_id=st.text(max_size=40), payload=st.binary(max_size=64),
+       start=st.one_of(st.none(), st.floats(min_value=0, max_value=4e9)))
+@settings(max_examples=100, deadline=None)
+def test_worker_queue_reads_what_asynq_encodes(queue, task_id, payload, start):
+    info = asynq.WorkerInfo(host="h", pid=1, server_id="s", task_id=task_id, task_type="t", queue=queue,
+                            start_time=start, deadline=None)
+    assert tasks.worker_queue(asynq.encode_worker_info(info, payload)) == queue
+
+
+@given(data=st.binary(max_size=80))
+@settings(max_examples=300, deadline=None)
+def test_worker_queue_agrees_with_protobuf_on_any_bytes(data):
+    try:
+        expected = asynq.decode_worker_info(data).queue
+    except asynq.UndecodableError:
+        expected = None
+    try:
+        got = tasks.worker_queue(data)
+    except asynq.UndecodableError:
+        got = None
+    if expected is not None:
+        assert got == expected
+
+
+async def test_an_undecodable_workers_value_is_counted_and_the_other_tasks_still_go(rdb, ardb):
+    recovery = taskrecovery.TaskRecovery(ardb, RedisHealth("test"), "on", registry=new_registry())
+    bad: list[tuple[str, bytes]] = []
+    recovery.on_undecodable = lambda kind, key: bad.append((kind, key))
+    dead = emulated(ardb, 1, "dead", 2)
+    await dead.start()
+    rdb.hset(dead.workers_member.key, "garbage-task", b"\xff\xff\xff")
+    found = await recovery.last_beat_tasks(dead.workers_member)
+    assert sorted(t.id for t in found) == sorted(t.task_id for t in dead.tasks)
+    assert bad == [("worker_info", dead.workers_member.key.encode() + b" garbage-task")]
+    assert await recovery.worker_died(found, "a test worker") == 2
+
+
+# ---------------------------------------------------------------- the emulator's --leases
+
+
+async def test_the_emulator_leases_tasks_as_asynq_does(rdb, ardb):
+    clock = [1_000_000.0]
+    emulator = Emulator(ardb, EmulatorConfig(HOST, 3, "emu", tasks=2, leases=True, queues={DEFAULT: 1},
+                                             drain=0.0), clock=lambda: clock[0])
+    await emulator.start()
+    ids = sorted(t.task_id for t in emulator.tasks)
+    assert rdb.smembers(tasks.QUEUES) == {DEFAULT.encode()}
+    assert sorted(active(rdb)) == ids
+    assert leases(rdb) == {i: 1_000_030 for i in ids}
+    assert all(rdb.hget(task_key(DEFAULT, i), "state") == b"active" for i in ids)
+    assert sorted(k.decode() for k in rdb.hkeys(emulator.workers_member.key)) == ids
+    clock[0] += 5
+    rdb.zadd(tasks.lease_key(DEFAULT), {ids[0]: 1})  # expired in Redis, not in the server's own view
+    await emulator.beat()  # ExtendLease (ZADD XX) for every lease the server still holds
+    assert leases(rdb) == {i: 1_000_035 for i in ids}
+    clock[0] += 60  # a server whose own lease ran out never extends it again
+    rdb.zadd(tasks.lease_key(DEFAULT), {ids[0]: 2})
+    emulator.leases[ids[1]] = clock[0] + 1
+    await emulator.beat()
+    assert leases(rdb) == {ids[0]: 2, ids[1]: 1_000_095}
+    assert await emulator.shutdown()  # a graceful Shutdown requeues the unfinished tasks
+    assert active(rdb) == [] and leases(rdb) == {}
+    assert sorted(i.decode() for i in rdb.lrange(f"asynq:{{{DEFAULT}}}:pending", 0, -1)) == ids
+
+
+def test_sweep_repair_tasks_reports_in_words(rdb, redis_url, capsys, monkeypatch, keep_logging):
+    monkeypatch.setattr(taskrecovery, "ORPHAN_CONFIRM_AFTER", 0.1)
+    orphan(rdb, "orphan-1")
+    assert cli.main(["sweep", "--redis-url", redis_url, "--repair-tasks", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would give 1 an expired lease for asynq's recoverer" in out
+    assert "queue default: orphan-1" in out
+    assert leases(rdb) == {}
+
+
+@pytest.mark.parametrize("n", [3, 30])  # a few ids: LPOS each; more: the active list read once
+async def test_the_scripts_check_every_task_however_many(rdb, ardb, n):
+    ids = [f"orphan-{i}" for i in range(n)]
+    for i in ids:
+        orphan(rdb, i)
+    rdb.lrem(tasks.active_key(DEFAULT), 0, ids[0])  # no longer active
+    rdb.zadd(tasks.lease_key(DEFAULT), {ids[1]: 123})  # given a lease since
+    expected = {DEFAULT: ids[2:]}
+    assert await taskrecovery.repair_orphans(ardb, {DEFAULT: ids}, dry_run=True) == expected
+    assert set(leases(rdb)) == {ids[1]}
+    assert await taskrecovery.repair_orphans(ardb, {DEFAULT: ids}, dry_run=False) == expected
+    assert set(leases(rdb)) == set(ids[1:]) and leases(rdb)[ids[1]] == 123
+
+    recovery = taskrecovery.TaskRecovery(ardb, RedisHealth("test"), "on", registry=new_registry())
+    dead = emulated(ardb, 1, "dead", n)
+    await dead.start()
+    found = await recovery.last_beat_tasks(dead.workers_member)
+    rdb.lrem(tasks.active_key(DEFAULT), 0, found[0].id)
+    dry_run = taskrecovery.TaskRecovery(ardb, RedisHealth("test"), "dry-run", registry=new_registry())
+    before = leases(rdb)
+    assert await dry_run.worker_died(found, "a test worker") == n - 1
+    assert leases(rdb) == before
+    assert await recovery.worker_died(found, "a test worker") == n - 1
+    after = leases(rdb)
+    assert after[found[0].id] == found[0].lease
+    assert all(after[t.id] <= redis_now(rdb) - tasks.EXPIRE_BACK for t in found[1:])

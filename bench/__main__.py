@@ -30,6 +30,8 @@ MEASUREMENTS: dict[str, tuple[str, str, str]] = {
     "sweep": ("bench.sweep", "sweep", "sweep of 100,000 expired registrations, SLOWLOG"),
     "watcher": ("bench.watcher", "watcher", "the watcher's full read of 10,000 live servers"),
     "compare": ("bench.compare", "compare", "side by side with asynq's Inspector.Servers listing"),
+    "stale-tasks": ("bench.staletasks", "stale_tasks",
+                    "SIGKILL of a real asynq worker -> its tasks run again, with and without --recover-tasks on"),
     "launcher": ("bench.launcher", "launcher",
                  "the launchers, Go against Python: memory, start overhead, signal forwarding"),
 }

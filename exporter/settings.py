@@ -112,6 +112,7 @@ class CleanupConfig:
     sweep_interval: float = 0.0
     sweep_grace: float = 60.0
     sweep_batch: int = 500
+    recover_tasks: str = "dry-run"  # off | dry-run | on
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ class SweepConfig:
     log: LogConfig
     grace: float = CleanupConfig.sweep_grace
     batch: int = CleanupConfig.sweep_batch
+    repair_tasks: bool = False
     dry_run: bool = False
     json: bool = False
 
@@ -186,6 +188,7 @@ class EmulatorConfig:
     tasks: int = 0  # emulated in-flight tasks while running
     drain: float = 0.5  # seconds spent draining after SIGTERM/SIGINT
     on_exit: str = "clear"  # clear | leak | late-beat
+    leases: bool = False  # also write the tasks' queue keys: active list, lease, task hash
 
 
 @dataclass(frozen=True)

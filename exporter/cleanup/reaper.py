@@ -25,6 +25,7 @@ from exporter.metrics.cleanup import CleanupMetrics
 from exporter.redisio.health import RedisHealth
 from exporter.redisio.retry import retry_with_backoff
 from exporter.settings import CleanupConfig
+from exporter.tasks.recovery import TaskRecovery
 
 log = logging.getLogger("exporter.cleanup.reaper")
 
@@ -49,7 +50,7 @@ class ExitReaper:
     def __init__(self, store: RegistrationStore, observer: RegistrationObserver, health: RedisHealth,
                  cfg: CleanupConfig, metrics: CleanupMetrics, confirmations: Confirmations, *,
                  spawn: Callable[[Any, str], asyncio.Task[Any]], poll_interval: float,
-                 on_settled: Callable[[], None] = lambda: None) -> None:
+                 tasks: TaskRecovery | None = None, on_settled: Callable[[], None] = lambda: None) -> None:
         self.store = store
         self.observer = observer
         self.health = health
@@ -58,6 +59,7 @@ class ExitReaper:
         self.confirmations = confirmations
         self._spawn = spawn
         self.poll_interval = poll_interval
+        self.tasks = tasks  # --recover-tasks: a proven-dead worker's tasks go to asynq's recoverer
         self._on_settled = on_settled
         self._departures: dict[int, Departure] = {}  # by conn: departed workers still watched
         self._busy: set[asyncio.Task[Any]] = set()  # reapers not yet settled
@@ -191,12 +193,19 @@ class ExitReaper:
         reason = "worker_exit" if o.claim.workers else "previous_incarnation"
         # The workers hash goes with the removal: read its task count first.
         in_flight = await self.store.in_flight(o.member) if o.claim.workers and not dep.tasks_counted else 0
+        # Only a death proven (verdict NOW) hands the worker's tasks to asynq's recoverer: what
+        # its last beat listed is read before the removal deletes the hash, acted on after it.
+        last_beat = []
+        if self.tasks is not None and how is Verdict.NOW and o.claim.workers:
+            last_beat = await self.tasks.last_beat_tasks(o.member.sibling("workers"))
         if self.cfg.mode == "on":
             result = await self.store.remove(o.member, seen, how, self.cfg.settle)
             if result == KEPT:
                 return KEPT
         else:
             result = REMOVED
+        if last_beat and self.tasks is not None:
+            await self.tasks.worker_died(last_beat, f"worker pid {w.pid} on {w.host}")
         self.last_counted_at = time.monotonic()  # a metric changes below: the linger waits for a scrape
         if o.claim.workers:
             self._count_leak(dep, in_flight)

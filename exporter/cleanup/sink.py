@@ -24,6 +24,7 @@ from exporter.metrics.cleanup import CleanupMetrics
 from exporter.redisio.clock import RedisClock
 from exporter.redisio.health import RedisHealth
 from exporter.settings import CleanupConfig
+from exporter.tasks.recovery import TaskRecovery
 
 log = logging.getLogger("exporter.cleanup.sink")
 
@@ -33,7 +34,7 @@ class Cleanup:
                  registry: CollectorRegistry, submit: Callable[[Any], None],
                  spawn: Callable[[Any, str], asyncio.Task[Any]], poll_interval: float = 1.0,
                  hostname: str | None = None, clock: RedisClock | None = None,
-                 on_settled: Callable[[], None] = lambda: None) -> None:
+                 tasks: TaskRecovery | None = None, on_settled: Callable[[], None] = lambda: None) -> None:
         self.cfg = cfg
         self.hostname = hostname
         self.metrics = CleanupMetrics(registry)
@@ -42,7 +43,7 @@ class Cleanup:
         self.observer = RegistrationObserver(self.store, health, submit=submit, poll_interval=poll_interval,
                                              host_pids_unique=cfg.host_pids_unique)
         self.reaper = ExitReaper(self.store, self.observer, health, cfg, self.metrics, self.confirmations,
-                                 spawn=spawn, poll_interval=poll_interval, on_settled=on_settled)
+                                 spawn=spawn, poll_interval=poll_interval, tasks=tasks, on_settled=on_settled)
         self.orphans = OrphanRemover(self.store, health, cfg, self.metrics, self.confirmations,
                                      spawn=spawn, hostname=hostname)
 

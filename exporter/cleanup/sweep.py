@@ -49,6 +49,7 @@ from exporter.asynq import model as asynq
 from exporter.redisio.connect import connect, redis_time
 from exporter.redisio.health import REDIS_FAILURES, RedisHealth
 from exporter.settings import RedisConfig, SweepConfig
+from exporter.tasks.repair import repair_tasks
 
 try:
     from hiredis import pack_command as _pack_command
@@ -646,10 +647,20 @@ def run(cfg: SweepConfig) -> int:
         done = f" after removing {report.removed} registration(s)" if report.removed else ""
         sys.stderr.write(f"asynq-sidecar sweep: Redis at {cfg.redis.display_url} failed{done}: "
                          f"{report.error}\n")
+    repair = None
+    if cfg.repair_tasks and not report.error:
+        repair = repair_tasks(cfg.redis, dry_run=cfg.dry_run)
     if cfg.json:
-        sys.stdout.write(json_document(report.to_json()) + "\n")
+        doc = report.to_json()
+        if repair is not None:
+            doc["tasks"] = repair.to_json()
+        sys.stdout.write(json_document(doc) + "\n")
     elif not report.error or report.removed:
         print_report(report, sys.stdout)
+        if repair is not None:
+            repair.print(sys.stdout)
+    if repair is not None and repair.error and not report.error:
+        return EXIT_REDIS
     return report.exit_code()
 
 

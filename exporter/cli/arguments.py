@@ -67,6 +67,10 @@ def add_emulate_arguments(parser: argparse.ArgumentParser) -> None:
                    help="After draining: clear the registration like ClearServerState; leak it and "
                         "exit 0; or late-beat: clear it, then beat once more 50 ms later and exit 0 "
                         f"(the heartbeat that races Shutdown in asynq #979) [default: {d.on_exit}]")
+    g.add_argument("--leases", action="store_true",
+                   help="Also write the in-flight tasks' queue keys as asynq's dequeue does (asynq:queues, "
+                        "the active list, the lease, extended at every beat, and the task hash state); "
+                        "a graceful shutdown requeues them to pending")
     g.add_argument("--socket", default=None, metavar="PATH",
                    help="Also report this server's life to a sidecar's lifecycle socket, as a worker "
                         "speaking the protocol does: hello, registered (its server id), ready, "

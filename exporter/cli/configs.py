@@ -59,7 +59,8 @@ def socket_config(v: Values) -> SocketConfig:
 
 def cleanup_config(v: Values) -> CleanupConfig:
     return CleanupConfig(mode=v["cleanup"], settle=v["settle"], host_pids_unique=v["host_pids"] == "unique",
-                         sweep_interval=v["sweep_interval"], sweep_grace=v["grace"], sweep_batch=v["sweep_batch"])
+                         sweep_interval=v["sweep_interval"], sweep_grace=v["grace"], sweep_batch=v["sweep_batch"],
+                         recover_tasks=v["recover_tasks"])
 
 
 def serve_config(v: Values, args: argparse.Namespace | None = None) -> ServeConfig:
@@ -76,7 +77,7 @@ def audit_config(v: Values, args: argparse.Namespace | None = None) -> AuditConf
 
 def sweep_config(v: Values, args: argparse.Namespace | None = None) -> SweepConfig:
     return SweepConfig(redis=redis_config(v), log=log_config(v), grace=v["grace"], batch=v["sweep_batch"],
-                       dry_run=v["dry_run"], json=v["json"])
+                       repair_tasks=v["repair_tasks"], dry_run=v["dry_run"], json=v["json"])
 
 
 def launch_config(v: Values, args: argparse.Namespace) -> LaunchConfig:
@@ -106,7 +107,7 @@ def emulate_config(v: Values, args: argparse.Namespace) -> EmulateConfig:
     server = EmulatorConfig(host=args.host or socket.gethostname(), pid=args.pid or os.getpid(),
                             server_id=args.server_id or str(uuid.uuid4()), concurrency=args.concurrency,
                             strict_priority=args.strict_priority, heartbeat=args.heartbeat, ttl=args.ttl,
-                            tasks=args.tasks, drain=args.drain, on_exit=args.on_exit,
+                            tasks=args.tasks, drain=args.drain, on_exit=args.on_exit, leases=args.leases,
                             **({"queues": args.queues} if args.queues else {}))
     return EmulateConfig(redis=redis_config(v), log=log_config(v), server=server, socket=args.socket,
                          report_id=not args.no_report_id)

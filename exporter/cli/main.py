@@ -37,15 +37,18 @@ COMMANDS: dict[str, Command] = {
                      "Run the sidecar: /metrics, the lifecycle socket, the cleanup of dead workers.",
                      SERVE_OPTIONS, configs.serve_config),
     "audit": Command("exporter.registrations.audit",
-                     "List every registration in Redis, live or expired, without changing anything. "
-                     "Exit 0: nothing expired; 1: expired entries exist; 2: Redis cannot be read.",
+                     "List every registration in Redis, live or expired, and each queue's stale tasks "
+                     "(lease expired, orphaned), without changing anything. Exit 0: no registration "
+                     "expired; 1: expired registrations exist; 2: Redis cannot be read.",
                      GROUPS["redis"] + ("json", "log-level", "log-format"), configs.audit_config),
     "sweep": Command("exporter.cleanup.sweep",
                      "Remove registrations expired for longer than --grace from asynq:servers, "
                      "asynq:workers and asynq:schedulers, with their per-server keys, in short batches "
-                     "under a lock. Exit 0: swept, or another sweep holds the lock (nothing done); "
+                     "under a lock; with --repair-tasks, also give each orphaned task an expired lease for "
+                     "asynq's recoverer. Exit 0: swept, or another sweep holds the lock (nothing done); "
                      "1: the lock was lost mid-sweep; 2: Redis cannot be reached.",
-                     GROUPS["redis"] + ("grace", "sweep-batch", "dry-run", "json", "log-level", "log-format"),
+                     GROUPS["redis"] + ("grace", "sweep-batch", "repair-tasks", "dry-run", "json", "log-level",
+                                        "log-format"),
                      configs.sweep_config),
     "run": Command("exporter.lifecycle.launcher",
                    "Start a worker (-- CMD ARGS...) and report its lifecycle: hello, stopping on "

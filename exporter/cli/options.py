@@ -34,7 +34,16 @@ from exporter.cli.parsers import (
     uid_list,
     web_config_file,
 )
-from exporter.settings import DEFAULT_LISTEN, CleanupConfig, LogConfig, RedisConfig, ServeConfig, SocketConfig, mask_url
+from exporter.settings import (
+    DEFAULT_LISTEN,
+    CleanupConfig,
+    LogConfig,
+    RedisConfig,
+    ServeConfig,
+    SocketConfig,
+    SweepConfig,
+    mask_url,
+)
 
 ENV_PREFIX = "ASYNQ_SIDECAR_"
 
@@ -161,6 +170,16 @@ OPTIONS: dict[str, Option] = {
                "and that is removed at once. shared (the safe default; hostNetwork pods, several "
                "worker containers in one pod): without a reported server id, a dead worker's "
                "registration is removed only once expired.", "MODE"),
+        Option("recover-tasks", one_of("off", "dry-run", "on"), CleanupConfig.recover_tasks,
+               "Hand stale tasks back to asynq's own recoverer (docs/stale-tasks.md): on a proven "
+               "worker death, expire the leases of the tasks its last heartbeat listed; the "
+               "fleet's details leader gives an orphaned task (active, no lease, run by no live "
+               "server for two heartbeats) an expired lease. The sidecar never retries, requeues "
+               "or archives a task itself. dry-run: count and log only; off: neither.", "MODE"),
+        Option("repair-tasks", boolean, SweepConfig.repair_tasks,
+               "Also give every orphaned task (active, no lease, run by no live server at two looks "
+               "10 s apart) an expired lease, so that asynq's recoverer retries it; with --dry-run, "
+               "only count them.", switch=True),
         Option("sweep-interval", seconds_or_zero, CleanupConfig.sweep_interval,
                "Run a fleet sweep every this many seconds (0: off).", "SECONDS"),
         Option("grace", seconds_or_zero, CleanupConfig.sweep_grace,
@@ -191,7 +210,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "http": ("listen", "web-config-file"),
     "socket": ("socket", "socket-mode", "max-connections", "hello-timeout", "socket-allow-uid"),
     "worker": ("hostname", "watch-interval", "details-sharing", "poll-interval", "shutdown-budget", "stop-timeout"),
-    "cleanup": ("cleanup", "settle", "host-pids", "sweep-interval", "grace", "sweep-batch"),
+    "cleanup": ("cleanup", "settle", "host-pids", "recover-tasks", "sweep-interval", "grace", "sweep-batch"),
     "log": ("log-level", "log-format"),
 }
 SERVE_OPTIONS = GROUPS["redis"] + GROUPS["http"] + GROUPS["socket"] + GROUPS["worker"] + GROUPS["cleanup"] + GROUPS["log"]

@@ -9,7 +9,9 @@ each step against what the sidecar exports on /metrics and what is left in Redis
 3. one is stopped gracefully: it drains and deregisters itself, the shutdown is measured;
 4. one is killed with SIGKILL: its registration is removed by the sidecar;
 5. one exits 0 without deregistering (asynq #979): a leak, counted and removed;
-6. a fleet sweep removes the old pods' leftovers.
+6. a fleet sweep removes the old pods' leftovers;
+7. a task that lost its lease entry (an orphan asynq never recovers) is found, only counted by
+   `--recover-tasks dry-run` (the default), then handed back to asynq's recoverer as `on` does.
 
 Then it keeps workers coming and going (so graphs move) until Ctrl-C or `--duration` seconds,
 and exits 0 when every step behaved as expected, 1 otherwise.
@@ -39,6 +41,8 @@ from exporter.devtools.redis_server import RedisServer, RedisServerError
 from exporter.redisio.connect import connect
 from exporter.server.sidecar import Sidecar
 from exporter.settings import CleanupConfig, DemoConfig, LogConfig, RedisConfig, ServeConfig, SocketConfig
+from exporter.tasks import reader as tasks
+from exporter.tasks.recovery import ORPHAN_CONFIRM_AFTER, repair_orphans
 
 #: How long each emulated worker drains after SIGTERM, in seconds (asynq's default is up to 8 s).
 DRAIN = 1.5
@@ -243,6 +247,41 @@ class Demo:
         live, expired = await self.registrations()
         p.check(n == 3 and expired == 0, f"swept {n} registrations expired for over a minute; {expired} expired left")
         await self.show_registrations("after the sweep")
+
+        await self.orphan()
+
+    async def orphan(self) -> None:
+        """An active task with no lease entry, run by no one: the sidecar finds it at its next
+        details read, and in dry-run counts it once two reads ORPHAN_CONFIRM_AFTER apart agree;
+        the repair script of `--recover-tasks on` (and `sweep --repair-tasks`) then gives it an
+        already expired lease, for asynq's recoverer to retry it with its own semantics."""
+
+        p = self.p
+        p.step("7. A task lost its lease entry (a Redis incident): asynq's recoverer never sees it")
+        queue, task_id = "mail", "0d1e7a5e-0000-4000-8000-000000000001"
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.sadd("asynq:queues", queue)
+        pipe.rpush(tasks.active_key(queue), task_id)
+        await pipe.execute()
+        found = await self.wait_for(lambda: self._equals("asynq_queue_orphaned_tasks", 1, queue=queue), 10)
+        p.check(found, f"found: asynq_queue_orphaned_tasks{{queue=\"{queue}\"}} = 1 (active, no lease, run by no one)")
+        p.info(f"--recover-tasks dry-run (the default) confirms it over two looks {ORPHAN_CONFIRM_AFTER:g} s apart ...")
+        counted = await self.wait_for(
+            lambda: self._equals("asynq_sidecar_tasks_would_recover_total", 1, reason="orphan"),
+            ORPHAN_CONFIRM_AFTER + 10)
+        untouched = await self.redis.zscore(tasks.lease_key(queue), task_id) is None
+        p.check(counted and untouched,
+                "dry run: counted (tasks_would_recover_total{reason=\"orphan\"} = 1), its lease entry still absent")
+        repaired = await repair_orphans(self.redis, {queue: [task_id]}, dry_run=False)
+        score = await self.redis.zscore(tasks.lease_key(queue), task_id)
+        t = await self.redis.time()
+        ago = t[0] - score if score is not None else 0
+        p.check(repaired == {queue: [task_id]} and ago >= tasks.EXPIRE_BACK - 1,
+                f"handed back by the repair of --recover-tasks on and sweep --repair-tasks: a lease entry "
+                f"{ago:.0f} s in the past, so the next recoverer run of any live server retries it "
+                "(the task itself is never moved)")
+        expired = await self.wait_for(lambda: self._equals("asynq_queue_lease_expired_tasks", 1, queue=queue), 10)
+        p.check(expired, f"asynq_queue_lease_expired_tasks{{queue=\"{queue}\"}} = 1: waiting for asynq's recoverer")
 
     async def _equals(self, name: str, expected: float, **labels: str) -> bool:
         return await self.value(name, **labels) == expected

@@ -25,6 +25,7 @@ from exporter.lifecycle.client import LifecycleClient
 from exporter.redisio.connect import connect
 from exporter.redisio.health import REDIS_FAILURES
 from exporter.settings import EmulateConfig, EmulatorConfig
+from exporter.tasks import reader as tasks
 
 log = logging.getLogger("exporter.devtools.emulator")
 
@@ -32,6 +33,13 @@ log = logging.getLogger("exporter.devtools.emulator")
 TASK_TYPE = "emulator:task"
 #: asynq's default task timeout; an in-flight task's deadline is its start time plus this.
 TASK_TIMEOUT = 30 * 60.0
+#: asynq's rdb.LeaseDuration: a lease is created, and extended, for this many seconds.
+LEASE_DURATION = 30
+
+
+def task_key(queue: str, task_id: str) -> str:
+    """asynq's task hash, `asynq:{<q>}:t:<id>` (base.TaskKey)."""
+    return f"asynq:{{{queue}}}:t:{task_id}"
 
 # The beat script, with the semantics of asynq's writeServerStateCmd (internal/rdb/rdb.go):
 # KEYS[1] = server key, KEYS[2] = workers key (one hash tag, so one slot on a cluster);
@@ -46,6 +54,27 @@ while i < #ARGV do
 end
 redis.call("EXPIRE", KEYS[2], ARGV[1])
 return redis.status_reply("OK")
+"""
+
+# With --leases, a task's dequeue as asynq's dequeueCmd leaves it (the task moved from pending
+# to active, state active, a lease of now + 30 s), one queue's keys only (one slot on a cluster):
+# KEYS[1] = asynq:{q}:active, KEYS[2] = asynq:{q}:lease, KEYS[3] = asynq:{q}:t:<id>;
+# ARGV[1] = task id, ARGV[2] = lease expiry (whole Unix seconds).
+DEQUEUED = """
+redis.call("HSET", KEYS[3], "state", "active")
+redis.call("LPUSH", KEYS[1], ARGV[1])
+redis.call("ZADD", KEYS[2], ARGV[2], ARGV[1])
+return redis.status_reply("OK")
+"""
+
+# asynq's requeueCmd (a graceful Shutdown hands an unfinished task back to pending):
+# KEYS[1] = active, KEYS[2] = lease, KEYS[3] = pending, KEYS[4] = the task hash; ARGV[1] = id.
+REQUEUE = """
+if redis.call("LREM", KEYS[1], 0, ARGV[1]) == 0 then return 0 end
+redis.call("ZREM", KEYS[2], ARGV[1])
+redis.call("RPUSH", KEYS[3], ARGV[1])
+redis.call("HSET", KEYS[4], "state", "pending")
+return 1
 """
 
 # The last step of ClearServerState (clearServerStateCmd): both per-server keys, one slot.
@@ -83,6 +112,9 @@ class Emulator:
         self._servers_set, self._workers_set = asynq.SERVERS, asynq.WORKERS
         self._write_state = redis.register_script(WRITE_SERVER_STATE)
         self._clear_state = redis.register_script(CLEAR_SERVER_STATE)
+        self._dequeued = redis.register_script(DEQUEUED)
+        self._requeue = redis.register_script(REQUEUE)
+        self.leases: dict[str, float] = {}  # task id -> its lease expiry, as this server knows it
 
     # ------------------------------------------------------------ what a beat writes
 
@@ -117,6 +149,37 @@ class Emulator:
         await self.redis.zadd(self._servers_set, {self.server_member.key: score})
         await self.redis.zadd(self._workers_set, {self.workers_member.key: score})
         await self._write_state(keys=[self.server_member.key, self.workers_member.key], args=args)
+        if self.config.leases:
+            await self.extend_leases()
+
+    # ------------------------------------------------------------ --leases: the tasks' queue keys
+
+    async def dequeue(self, task: EmulatedTask) -> None:
+        """Write what asynq's dequeue leaves for `task`: queue known, task active, leased 30 s."""
+        lease = math.floor(self._clock()) + LEASE_DURATION
+        await self.redis.sadd(tasks.QUEUES, task.queue)
+        await self._dequeued(keys=[tasks.active_key(task.queue), tasks.lease_key(task.queue),
+                                   task_key(task.queue, task.task_id)], args=[task.task_id, lease])
+        self.leases[task.task_id] = lease
+
+    async def extend_leases(self) -> None:
+        """The heartbeat's ExtendLease: ZADD XX now + 30 for every task whose lease, as this
+        server knows it, has not run out (asynq never extends an expired lease)."""
+        now = self._clock()
+        lease = math.floor(now) + LEASE_DURATION
+        for queue in sorted({t.queue for t in self.tasks}):
+            valid = [t for t in self.tasks if t.queue == queue and self.leases.get(t.task_id, 0) >= now]
+            if valid:
+                await self.redis.zadd(tasks.lease_key(queue), {t.task_id: lease for t in valid}, xx=True)
+                for t in valid:
+                    self.leases[t.task_id] = lease
+
+    async def requeue(self) -> None:
+        """A graceful Shutdown's requeue of every unfinished task to pending."""
+        for t in self.tasks:
+            await self._requeue(keys=[tasks.active_key(t.queue), tasks.lease_key(t.queue),
+                                      f"asynq:{{{t.queue}}}:pending", task_key(t.queue, t.task_id)],
+                                args=[t.task_id])
 
     async def clear(self) -> None:
         """ClearServerState: ZREM servers, ZREM workers, then DEL both keys; a failure skips the rest."""
@@ -133,6 +196,9 @@ class Emulator:
         queues = sorted(self.config.queues) or ["default"]
         self.tasks = [EmulatedTask(str(uuid.uuid4()), queues[i % len(queues)], self.started)
                       for i in range(self.config.tasks)]
+        if self.config.leases:
+            for task in self.tasks:
+                await self.dequeue(task)
         await self.beat()
         log.info("emulated server active: %s (concurrency %d, %d in-flight task(s))",
                  self.server_member.tag, self.config.concurrency, len(self.tasks))
@@ -178,6 +244,8 @@ class Emulator:
         await self._beat_logged()
         loop = asyncio.get_running_loop()
         await self._beat_until(None, deadline=loop.time() + self.config.drain)
+        if self.config.leases:
+            await self.requeue()
         self.tasks = []  # every in-flight task has finished or been requeued by now
         if self.config.on_exit == "leak":
             log.info("exiting without clearing the registration (leak mode, as in asynq #979)")

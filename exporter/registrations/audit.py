@@ -23,6 +23,8 @@ from exporter.asynq import model as asynq
 from exporter.redisio.connect import connect, redis_time
 from exporter.redisio.health import REDIS_FAILURES
 from exporter.settings import AuditConfig, RedisConfig
+from exporter.tasks.audit import TASK_IDS, print_stale_tasks, stale_tasks_json
+from exporter.tasks.reader import QueueTasks, read_stale
 
 log = logging.getLogger("exporter.registrations.audit")
 
@@ -62,6 +64,8 @@ class Report:
     registrations: list[Registration] = field(default_factory=list)
     undecodable_members: int = 0
     undecodable_values: int = 0
+    tasks: dict[str, QueueTasks] = field(default_factory=dict)  # asynq's queues: stale tasks
+    tasks_refused: str | None = None  # why Redis refused to let the tasks be read
 
     def counts(self) -> dict[str, dict[str, int]]:
         out = {name: {"live": 0, "expired": 0} for name in asynq.SETS}
@@ -81,7 +85,8 @@ class Report:
         summary.update(expired=self.expired, undecodable_members=self.undecodable_members,
                        undecodable_values=self.undecodable_values)
         return {"redis_url": self.redis_url, "time": self.time,
-                "registrations": [asdict(reg) for reg in self.registrations], "summary": summary}
+                "registrations": [asdict(reg) for reg in self.registrations], "summary": summary,
+                "tasks": stale_tasks_json(self.tasks, self.time), "tasks_refused": self.tasks_refused}
 
 
 # ---------------------------------------------------------------- reading (never writing)
@@ -201,6 +206,10 @@ async def read_report(redis: Redis, now: float | None = None, display_url: str =
             readable.append((reg, member))
         for page in _chunks(readable, PAGE):
             await _read_keys(redis, page, report)
+    try:
+        report.tasks = await read_stale(redis, now, keep=TASK_IDS)
+    except ResponseError as e:  # an ACL without asynq's queue keys: the registrations still stand
+        report.tasks_refused = str(e)
     return report
 
 
@@ -277,6 +286,9 @@ def print_table(report: Report, out: TextIO) -> None:
     else:
         out.write("No registrations.\n")
     out.write("\n" + summary_line(report) + "\n")
+    print_stale_tasks(report.tasks, report.time, out)
+    if report.tasks_refused:
+        out.write(f"\nTasks not read: Redis refused ({_printable(report.tasks_refused, 200)}).\n")
 
 
 # ---------------------------------------------------------------- command

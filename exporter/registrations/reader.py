@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from exporter.asynq import model as asynq
 from exporter.redisio.health import REDIS_FAILURES, RedisHealth
+from exporter.tasks import reader as tasks
 
 log = logging.getLogger("exporter.registrations.reader")
 
@@ -39,20 +43,44 @@ class SetCounts:
 class CountsSnapshot:
     at: float
     sets: dict[str, SetCounts]
+    # asynq's queues (asynq:queues) and each one's task counts, when read with the sets.
+    queue_names: list[str] = field(default_factory=list)
+    queues: dict[str, tasks.QueueCounts] = field(default_factory=dict)
+    tasks_refused: str | None = None  # why the task counts could not be read (Redis's error)
 
 
-async def read_counts(redis: Redis, now: float) -> CountsSnapshot:
+async def read_counts(redis: Redis, now: float, queues: Sequence[str] | None = None) -> CountsSnapshot:
     """Live/expired counts and the oldest expired score of each set, in one round trip.
 
     A member is live when its score (an expiry time in whole seconds) is at or after `now`,
-    expired when it is before. Nine commands, each O(log N).
+    expired when it is before. Nine commands, each O(log N). With `queues` (the queue names
+    known from the previous read), the same round trip also reads asynq:queues (SMEMBERS) and
+    three O(1)/O(log N) commands per known queue (exporter.tasks.add_count_commands): 9 + 1 +
+    3 x queues commands, whatever the number of tasks.
     """
     pipe = redis.pipeline(transaction=False)
     for key in asynq.SETS.values():
         pipe.zcount(key, now, "+inf")
         pipe.zcount(key, "-inf", f"({now}")
         pipe.zrange(key, 0, 0, withscores=True)  # lowest score: the oldest expiry
-    replies = await pipe.execute()
+    if queues is None:
+        return CountsSnapshot(at=now, sets=_set_counts(await pipe.execute(), now))
+    pipe.smembers(tasks.QUEUES)
+    tasks.add_count_commands(pipe, queues, now)
+    # A refused task command (an ACL that grants only the registration keys) must not cost the
+    # registration counts: errors come back as replies, and only the sets' are raised.
+    replies = await pipe.execute(raise_on_error=False)
+    for reply in replies[:9]:
+        if isinstance(reply, Exception):
+            raise reply
+    refused = next((r for r in replies[9:] if isinstance(r, Exception)), None)
+    if refused is not None:
+        return CountsSnapshot(at=now, sets=_set_counts(replies, now), tasks_refused=str(refused))
+    return CountsSnapshot(at=now, sets=_set_counts(replies, now), queue_names=tasks.queue_names(replies[9]),
+                          queues=tasks.parse_counts(replies[10:], queues, now))
+
+
+def _set_counts(replies: Sequence[Any], now: float) -> dict[str, SetCounts]:
     sets: dict[str, SetCounts] = {}
     for i, name in enumerate(asynq.SETS):
         live, expired, lowest = replies[3 * i : 3 * i + 3]
@@ -60,7 +88,7 @@ async def read_counts(redis: Redis, now: float) -> CountsSnapshot:
         if expired and lowest:
             oldest_age = max(0.0, now - float(lowest[0][1]))
         sets[name] = SetCounts(live=int(live), expired=int(expired), oldest_expired_age=oldest_age)
-    return CountsSnapshot(at=now, sets=sets)
+    return sets
 
 
 class RegistryCounts:
@@ -73,6 +101,8 @@ class RegistryCounts:
         self.snapshot: CountsSnapshot | None = None
         self.fresh = False  # False when the last refresh failed: counts are then not exported
         self._inflight: asyncio.Future[None] | None = None
+        self._queues: list[str] = []  # asynq's queues as of the last refresh
+        self._refused_logged = False
 
     async def refresh(self) -> None:
         if self._inflight is not None:
@@ -87,7 +117,21 @@ class RegistryCounts:
     async def _refresh(self) -> None:
         try:
             with self._health.op("read registration counts"):
-                self.snapshot = await read_counts(self._redis, self._clock())
+                now = self._clock()
+                snapshot = await read_counts(self._redis, now, self._queues)
+                if snapshot.tasks_refused and not self._refused_logged:
+                    self._refused_logged = True
+                    log.warning("cannot read asynq's queues (%s): the asynq_queue_* gauges are left "
+                                "out; docs/redis-topologies.md lists the keys to grant",
+                                snapshot.tasks_refused)
+                # A queue that appeared since the last refresh: its counts in a second round
+                # trip, this once; a queue that is gone is left out.
+                new = [q for q in snapshot.queue_names if q not in snapshot.queues]
+                if new:
+                    snapshot.queues.update(await tasks.read_counts(self._redis, new, now))
+                self._queues = snapshot.queue_names
+                self.snapshot = dataclasses.replace(
+                    snapshot, queues={q: snapshot.queues[q] for q in snapshot.queue_names})
             self.fresh = True
         except REDIS_FAILURES:
             self.fresh = False
@@ -143,6 +187,7 @@ class ServerDetails:
     concurrency: int = 0
     active_tasks: int = 0
     missing: int = 0  # live members whose per-server key has already expired
+    orphaned: dict[str, int] | None = None  # per queue, when the read covered tasks
 
 
 async def read_details(redis: Redis, now: float, on_undecodable: Callable[[str, bytes], None],
@@ -250,6 +295,8 @@ def details_to_hash(d: ServerDetails, by: str) -> dict[str, str]:
            "missing": str(d.missing), "by": by}
     for status in (*asynq.SERVER_STATUSES, "unknown"):  # all of them: a zero overwrites a count
         out[f"status:{status}"] = str(d.by_status.get(status, 0))
+    if d.orphaned is not None:  # one field: a queue that is gone does not linger
+        out["orphaned_tasks"] = json.dumps(d.orphaned, sort_keys=True)
     return out
 
 
@@ -265,7 +312,19 @@ def details_from_hash(h: dict[bytes, bytes]) -> ServerDetails | None:
     for key, value in text.items():
         if key.startswith("status:") and value.isdigit():
             d.by_status[key[len("status:"):]] = int(value)
+    try:
+        orphaned = json.loads(text.get("orphaned_tasks", "null"))
+        if isinstance(orphaned, dict):
+            d.orphaned = {str(q): int(n) for q, n in orphaned.items()}
+    except (ValueError, TypeError):
+        pass  # not ours: no orphan counts
     return d
+
+
+class TaskReader(Protocol):
+    """Reads asynq's tasks along with the server details (exporter.taskrecovery.TaskRecovery)."""
+
+    async def read(self, now: float, turn: Callable[[], Awaitable[None]]) -> dict[str, int] | None: ...
 
 
 class DetailsWatcher:
@@ -280,7 +339,7 @@ class DetailsWatcher:
 
     def __init__(self, redis: Redis, health: RedisHealth, interval: float, *,
                  shared: bool = False, identity: str = "", scrapes_first: ScrapesFirst | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, task_reader: TaskReader | None = None) -> None:
         self._redis = redis
         self._health = health
         self.interval = interval
@@ -288,6 +347,7 @@ class DetailsWatcher:
         self.identity = identity
         self._clock = clock
         self._turn = scrapes_first.turn if scrapes_first is not None else _next_tick
+        self._tasks = task_reader  # the full read of asynq's tasks (orphans), made with the details
         self.latest: ServerDetails | None = None
         self.undecodable: Counter[str] = Counter()
         # The bad values already counted (each read meets them again), oldest first; bounded.
@@ -322,6 +382,8 @@ class DetailsWatcher:
                         return  # none yet (a new leader is reading): the last one stays, aging
                 details = await read_details(self._redis, self._clock(), self.count_undecodable,
                                              turn=self._turn)
+                if self._tasks is not None:
+                    details.orphaned = await self._tasks.read(self._clock(), self._turn)
                 details.at = self._clock()
                 self.full_reads += 1
                 self.latest = details

@@ -26,12 +26,14 @@ from exporter.lifecycle.tracker import Decision, Event, State, Tracker, WorkerFo
 from exporter.metrics.http import refused_requests
 from exporter.metrics.lifecycle import LifecycleLog, LifecycleMetrics
 from exporter.metrics.registrations import RegistryCollector, new_registry
+from exporter.metrics.tasks import QueueTasksCollector
 from exporter.redisio.clock import RedisClock
 from exporter.redisio.connect import SentinelMaster, connect
 from exporter.redisio.health import REDIS_FAILURES, RedisHealth
 from exporter.registrations.reader import DetailsWatcher, RegistryCounts, ScrapesFirst
 from exporter.server.http import build_app
 from exporter.settings import ServeConfig
+from exporter.tasks.recovery import TaskRecovery
 
 if TYPE_CHECKING:  # loaded only with --web-config-file (YAML, bcrypt)
     from exporter.server.webconfig import WebConfig
@@ -193,12 +195,16 @@ class Sidecar:
         self.redis_clock = RedisClock()
         self.counts = RegistryCounts(self.redis, self.health, clock=self.redis_clock.now)
         self.scrapes_first = ScrapesFirst()
+        self.task_recovery = TaskRecovery(self.redis, self.health, cfg.cleanup.recover_tasks,
+                                          registry=self.registry)
         self.watcher = DetailsWatcher(self.redis, self.health, cfg.watch_interval,
                                       shared=cfg.details_sharing, scrapes_first=self.scrapes_first,
                                       identity=f"{cfg.hostname}:{os.getpid()}:{id(self):x}",
-                                      clock=self.redis_clock.now)
+                                      clock=self.redis_clock.now, task_reader=self.task_recovery)
         self.registry.register(RegistryCollector(self.counts, self.watcher, self.health,
                                                  clock=self.redis_clock.now))
+        self.task_recovery.on_undecodable = self.watcher.count_undecodable
+        self.registry.register(QueueTasksCollector(self.counts, self.watcher))
         self._stack.push_async_callback(self.watcher.release)
 
         self._stack.push_async_callback(self._cancel_tasks)
@@ -210,7 +216,7 @@ class Sidecar:
         self.cleanup = Cleanup(self.redis, self.health, cfg.cleanup, registry=self.registry,
                                submit=self.submit, spawn=self.spawn, poll_interval=cfg.poll_interval,
                                hostname=cfg.hostname, clock=self.redis_clock,
-                               on_settled=self._on_cleanup_settled)
+                               tasks=self.task_recovery, on_settled=self._on_cleanup_settled)
         self.sinks.append(self.cleanup)
         self.spawn(self.cleanup.observer.observe_forever(), "registration-observer")
         self.spawn(self.cleanup.orphans.remove_host_orphans(), "host-orphans")

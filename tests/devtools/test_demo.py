@@ -20,8 +20,8 @@ def test_demo_story_passes_and_exits_0():
     assert proc.returncode == 0, out + proc.stderr
     assert "FAIL" not in out
     for step in ("1. Leftovers", "2. Three workers", "3. 'graceful'", "4. 'killed'", "5. 'leaky'",
-                 "6. A fleet sweep", "every step behaved as expected"):
+                 "6. A fleet sweep", "7. A task lost its lease entry", "every step behaved as expected"):
         assert step in out
     assert "/metrics" in out
     assert "\033[" not in out  # plain output when not on a terminal
-    assert out.count("ok   ") >= 12
+    assert out.count("ok   ") >= 16

@@ -97,6 +97,14 @@ async def test_dashboards_and_alerts_against_a_real_prometheus(redis_url, tmp_pa
                 return None
 
         await eventually(up, timeout=15, what="the sidecar's /metrics")
+        # What a server that died long ago left in its queue: a task whose lease expired (no live
+        # server serves the queue to recover it) and one whose lease entry a Redis incident lost.
+        client = redis_sync.Redis.from_url(redis_url)
+        now = int(client.time()[0])
+        client.sadd("asynq:queues", "mail")
+        client.rpush("asynq:{mail}:active", "expired-task", "orphaned-task")
+        client.zadd("asynq:{mail}:lease", {"expired-task": now - 120})
+        client.close()
         prom = await asyncio.to_thread(prometheus, [f"127.0.0.1:{port}"], rule_files=[RULES],
                                        labels=TARGET_LABELS)
 

@@ -29,6 +29,8 @@ REQUIRED_ALERTS = {
     "AsynqLeakedRegistrationsAccumulating", "AsynqWorkerExitedLeakingRegistration",
     "AsynqShutdownsOverBudget", "AsynqShutdownP95NearBudget", "AsynqWorkersKilledOrLost",
     "AsynqCleanupPending", "AsynqCleanupFailing", "AsynqSidecarRedisDown", "AsynqSidecarDown",
+    # issue 17: stale tasks
+    "AsynqTasksOrphaned", "AsynqLeaseExpiredTasksNotRecovered",
 }
 
 
@@ -178,6 +180,7 @@ async def test_counters_the_alerts_watch_exist_at_zero_before_the_first_event(rd
 
 async def scrape_real_sidecar(rdb, make_config) -> dict[str, set[frozenset[tuple[str, str]]]]:
     register_server(rdb, "host-a", 1, "s1", time.time() + 10)
+    rdb.sadd("asynq:queues", "default")  # the per-queue task gauges have a series only with a queue
     async with Sidecar(make_config()) as sc:
         await eventually(lambda: sc.watcher.latest, what="a details read")
         return pn.exposed_series(await scrape(sc.http_url))

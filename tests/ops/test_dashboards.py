@@ -125,6 +125,7 @@ def test_the_expected_panels_are_there():
         "Leaks per hour", "Sidecars with Redis down",
         "Shutdown duration (heatmap)", "Shutdown duration p50 / p95 / p99 vs budget", "Exits by outcome",
         "Shutdowns over budget", "Abandoned tasks", "Workers by state", "Per-pod drill-down",
+        "Stale tasks per queue", "Oldest expired lease per queue", "Stale tasks handed back to asynq (per hour)",
     } <= titles
 
 
@@ -152,6 +153,7 @@ def test_dashboard_metrics_are_in_the_metric_contract():
 
 async def test_dashboard_metrics_are_emitted_by_the_real_exporter(rdb, make_config):
     register_server(rdb, "host-a", 1, "s1", time.time() + 10)
+    rdb.sadd("asynq:queues", "default")  # the per-queue task gauges have a series only with a queue
     async with Sidecar(make_config()) as sc:
         await eventually(lambda: sc.watcher.latest, what="a details read")
         exposed = pn.exposed_series(await scrape(sc.http_url))

@@ -43,8 +43,9 @@ HOST = socket.gethostname()
 #: The ACL that docs/redis-topologies.md recommends, less the password (Redis Cluster adds
 #: +cluster|slots). Every test below that logs in as a user gives it exactly these rules.
 SIDECAR_ACL = ("on", "resetkeys", "~asynq:servers*", "~asynq:workers*", "~asynq:schedulers*",
-               "~asynq-sidecar:*", "resetchannels", "-@all", "+@read", "+@write", "+@scripting",
-               "+@connection", "-@dangerous", "+time")
+               "~asynq-sidecar:*", "~asynq:queues", "~asynq:{*}:active", "~asynq:{*}:lease",
+               "resetchannels", "-@all", "+@read", "+@write", "+@scripting", "+@connection",
+               "-@dangerous", "+time")
 USER = "asynq-sidecar"
 
 
@@ -74,16 +75,34 @@ async def start_worker(sc: Sidecar, client, pid: int, sid: str, host: str = HOST
     return conn, m
 
 
+def in_flight(client, m: asynq.Member, queue: str, task_id: str) -> None:
+    """A task that the server `m` runs, as asynq's dequeue and heartbeat leave it."""
+    info = asynq.WorkerInfo(host=m.host, pid=m.pid, server_id=m.ident, task_id=task_id, task_type="t",
+                            queue=queue, start_time=time.time(), deadline=None)
+    client.hset(m.sibling("workers").key, task_id, asynq.encode_worker_info(info))
+    client.lpush(f"asynq:{{{queue}}}:active", task_id)
+    client.zadd(f"asynq:{{{queue}}}:lease", {task_id: int(time.time()) + 30})
+
+
 async def exercise(redis_cfg: RedisConfig, client, make_config, *, fleet: int = 12) -> None:
     """Everything the sidecar does with Redis, on one deployment; `client` arranges and checks."""
     now = time.time()
     live = [register_server(client, f"live-{i}", 1, f"id-{i}", now + 10, concurrency=3, active=1)
             for i in range(fleet)]  # per-server keys in many slots: on every node of a cluster
     leaked = register_server(client, "dead-pod", 1, "gone", now - 300, with_keys=False)
+    # Stale tasks in two queues (two hash tags: two slots on a cluster).
+    client.sadd("asynq:queues", "q1", "q2")
+    client.lpush("asynq:{q1}:active", "orphan-1")
+    client.lpush("asynq:{q2}:active", "expired-1")
+    client.zadd("asynq:{q2}:lease", {"expired-1": int(now) - 50})
 
-    async with Sidecar(make_config(redis=redis_cfg, cleanup=CleanupConfig(host_pids_unique=True))) as sc:
+    cleanup = CleanupConfig(host_pids_unique=True, recover_tasks="on")
+    async with Sidecar(make_config(redis=redis_cfg, cleanup=cleanup)) as sc:
+        sc.task_recovery.orphan_confirm_after = 0.3
         await eventually(lambda: sc.watcher.latest, what="a details read")
         text = await scrape(sc.http_url)
+        assert value(text, "asynq_queue_active_tasks", queue="q1") == 1
+        assert value(text, "asynq_queue_lease_expired_tasks", queue="q2") == 1
         assert value(text, "asynq_sidecar_redis_up") == 1
         for set_name in ("servers", "workers"):
             assert value(text, "asynq_registry_entries", set=set_name, state="live") == fleet
@@ -92,9 +111,16 @@ async def exercise(redis_cfg: RedisConfig, client, make_config, *, fleet: int = 
         assert value(text, "asynq_registry_active_tasks") == fleet
 
         conn, dying = await start_worker(sc, client, 42, "dying")
+        in_flight(client, dying, "q1", "running-1")
         sc.submit(Exited(conn, signal="SIGKILL"))
         await eventually(lambda: gone(client, dying), what="the dead worker's registration removed")
         assert metric(sc, "asynq_sidecar_registrations_removed_total", reason="worker_exit") == 1
+        await eventually(lambda: metric(sc, "asynq_sidecar_tasks_recovered_total", reason="worker_death") == 1,
+                         what="its task handed to asynq's recoverer")
+        await eventually(lambda: metric(sc, "asynq_sidecar_tasks_recovered_total", reason="orphan") == 1,
+                         what="the orphan repaired by the details leader")
+        assert client.zscore("asynq:{q1}:lease", "running-1") < client.time()[0] - 60
+        assert client.zscore("asynq:{q1}:lease", "orphan-1") < client.time()[0] - 60
         assert metric(sc, "asynq_sidecar_cleanups_pending") == 0
     assert all(client.zscore(asynq.SERVERS, m.key) is not None for m in live)  # never a live one
 

@@ -244,16 +244,22 @@ def snapshot(rdb) -> dict:
 
 
 def test_audit_changes_nothing(mixed, redis_url, rdb, capsys, keep_logging):
+    # Stale tasks too, which the audit lists: one whose lease expired, one with no lease at all.
+    rdb.sadd("asynq:queues", "default")
+    rdb.lpush("asynq:{default}:active", "expired-task", "orphaned-task")
+    rdb.zadd("asynq:{default}:lease", {"expired-task": int(mixed) - 50})
+    rdb.hset("asynq:{default}:t:orphaned-task", "state", "active")
     before = snapshot(rdb)
     rdb.config_resetstat()
     assert audit(redis_url) == 1
+    assert "orphaned: orphaned-task" in capsys.readouterr().out
     assert audit(redis_url, "--json") == 1
     stats = rdb.info("commandstats")
     assert snapshot(rdb) == before
 
     # And no command the audit sent is one that may write.
     sent = {name.removeprefix("cmdstat_") for name in stats}
-    assert {"zscan", "get", "hlen", "llen"} <= sent
+    assert {"zscan", "get", "hlen", "llen", "smembers", "lrange", "zrangebyscore"} <= sent
     for command in sent - {"config|resetstat", "info"}:
         main, _, sub = command.partition("|")
         reply = rdb.execute_command("COMMAND", "INFO", main)

@@ -72,22 +72,29 @@ async def test_output_passes_promtool_check_metrics_and_openmetrics_on_request(r
     assert om.rstrip().endswith("# EOF")
 
 
-async def test_redis_commands_per_scrape_do_not_grow_with_registrations(rdb, make_config):
+async def test_redis_commands_per_scrape_do_not_grow_with_registrations_or_tasks(rdb, make_config):
+    """9 for the three sets, SMEMBERS asynq:queues, and 3 per queue, in one round trip."""
     async def commands_for_one_scrape(sc) -> int:
         before = int(rdb.info("stats")["total_commands_processed"])
         await scrape(sc.http_url)
         return int(rdb.info("stats")["total_commands_processed"]) - before - 1  # less the INFO itself
 
     now = time.time()
+    rdb.sadd("asynq:queues", "default", "critical")
     async with Sidecar(make_config(watch_interval=3600)) as sc:
         await eventually(lambda: sc.watcher.latest, what="a details read")
+        # The first scrape meets the two queues: 9 + 1, then a second round trip of 3 per queue.
+        first = await commands_for_one_scrape(sc)
         small = await commands_for_one_scrape(sc)
         pipe = rdb.pipeline()
         for i in range(2000):
             pipe.zadd("asynq:servers", {f"asynq:servers:{{h:{i}:x}}": now + (10 if i % 2 else -10)})
+            pipe.lpush("asynq:{default}:active", f"t{i}")
+            pipe.zadd("asynq:{default}:lease", {f"t{i}": now + (30 if i % 2 else -30)})
         pipe.execute()
         large = await commands_for_one_scrape(sc)
-    assert small == large == 9
+    assert first == (9 + 1) + 3 * 2
+    assert small == large == 9 + 1 + 3 * 2
 
 
 async def test_healthz_readyz_and_landing_page(make_config):

@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 # ---------------------------------------------------------------- the contract (issues 2, 3, 4)
 
 #: Every metric family of the exporter's contract: name -> (type, labels). Names and labels are
-#: copied from the metric tables of issues 2 (registry), 3 (lifecycle) and 4 (cleanup), plus
+#: copied from the metric tables of issues 2 (registry), 3 (lifecycle), 4 (cleanup) and 17
+#: (stale tasks), plus
 #: `asynq_sidecar_undecodable_values_total{kind}`, which the exporter adds.
 CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     # issue 2: registry metrics
@@ -48,6 +49,13 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "asynq_sidecar_cleanup_errors_total": ("counter", ()),
     "asynq_sidecar_cleanups_pending": ("gauge", ()),
     "asynq_sidecar_abandoned_tasks_total": ("counter", ()),
+    # issue 17: stale tasks
+    "asynq_queue_active_tasks": ("gauge", ("queue",)),
+    "asynq_queue_lease_expired_tasks": ("gauge", ("queue",)),
+    "asynq_queue_oldest_lease_expired_seconds": ("gauge", ("queue",)),
+    "asynq_queue_orphaned_tasks": ("gauge", ("queue",)),
+    "asynq_sidecar_tasks_recovered_total": ("counter", ("reason",)),
+    "asynq_sidecar_tasks_would_recover_total": ("counter", ("reason",)),
 }
 
 #: Label values the contract enumerates: (metric, label) -> the values the exporter can emit.
@@ -59,6 +67,8 @@ CONTRACT_VALUES: dict[tuple[str, str], frozenset[str]] = {
     ("asynq_sidecar_worker_exits_total", "outcome"): frozenset({"graceful", "error", "killed", "lost"}),
     ("asynq_sidecar_registrations_removed_total", "reason"):
         frozenset({"worker_exit", "previous_incarnation", "sweep"}),
+    ("asynq_sidecar_tasks_recovered_total", "reason"): frozenset({"worker_death", "orphan"}),
+    ("asynq_sidecar_tasks_would_recover_total", "reason"): frozenset({"worker_death", "orphan"}),
 }
 
 #: Series that Prometheus makes itself, not the exporter.
@@ -259,7 +269,7 @@ def exposed_series(text: str) -> dict[str, set[frozenset[tuple[str, str]]]]:
 
 #: Series that every sidecar reports identically because all read the same shared Redis: summing
 #: them across sidecars multiplies the fleet by the number of pods (use max or avg).
-FLEET_SERIES_PREFIXES = ("asynq_registry_", "asynq_sidecar_undecodable_values")
+FLEET_SERIES_PREFIXES = ("asynq_registry_", "asynq_queue_", "asynq_sidecar_undecodable_values")
 
 #: For `problems`: a series whose labels are not known (any matcher is accepted).
 ANY_LABELS = None

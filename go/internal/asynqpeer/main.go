@@ -15,6 +15,14 @@
 // N handlers run at the same time (N = --concurrency), and, as the last line before a clean
 // exit, "exit registered=true|false": whether its registration was still in Redis at that moment
 // (nothing in the process can remove it afterwards, so true is a leak).
+//
+// With --runs KEY, every start of a handler is recorded in Redis, RPUSH KEY "TASK_ID SERVER_ID
+// RETRIED UNIX_MS" (RETRIED: asynq's retry count of this run, 0 the first time), so that a test
+// can tell which server ran a task, how often, and when. With --hold KEY a handler runs until
+// the key KEY exists (or its context ends) instead of for --task-sleep. --retry-delay sets the
+// server's RetryDelayFunc (a task asynq retries is due again after that long) and --poll its
+// TaskCheckInterval and DelayedTaskCheckInterval (how soon a due retry is moved to pending and
+// dequeued): with both small, a task asynq's recoverer retries runs again at once.
 package main
 
 import (
@@ -44,6 +52,10 @@ func main() {
 	enqueue := flag.Int("enqueue", 0, "enqueue this many sleep tasks before serving")
 	taskSleep := flag.Duration("task-sleep", time.Second, "how long a sleep task runs (less when cancelled)")
 	shutdownTimeout := flag.Duration("shutdown-timeout", time.Second, "asynq Config.ShutdownTimeout")
+	runs := flag.String("runs", "", "RPUSH each handler start to this Redis list (none when empty)")
+	hold := flag.String("hold", "", "a handler runs until this Redis key exists, not for --task-sleep")
+	retryDelay := flag.String("retry-delay", "", "asynq Config.RetryDelayFunc returns this duration (asynq's default when empty)")
+	poll := flag.Duration("poll", 0, "asynq Config.TaskCheckInterval and DelayedTaskCheckInterval (asynq's defaults when 0)")
 	flag.Parse()
 	log.SetFlags(0)
 	log.SetPrefix("asynqpeer: ")
@@ -63,6 +75,22 @@ func main() {
 		log.Fatal(err)
 	}
 	queue := &first
+	cfg := asynq.Config{
+		Concurrency:              *concurrency,
+		Queues:                   weights,
+		StrictPriority:           *strict,
+		ShutdownTimeout:          *shutdownTimeout,
+		LogLevel:                 asynq.WarnLevel,
+		TaskCheckInterval:        *poll,
+		DelayedTaskCheckInterval: *poll,
+	}
+	if *retryDelay != "" {
+		d, err := time.ParseDuration(*retryDelay)
+		if err != nil || d < 0 {
+			log.Fatalf("--retry-delay: not a duration >= 0: %q", *retryDelay)
+		}
+		cfg.RetryDelayFunc = func(int, error, *asynq.Task) time.Duration { return d }
+	}
 	if *enqueue > 0 {
 		client := asynq.NewClient(opt)
 		for i := 0; i < *enqueue; i++ {
@@ -73,13 +101,44 @@ func main() {
 		client.Close()
 	}
 
+	rdb := redis.NewClient(&redis.Options{Addr: *addr})
+	defer rdb.Close()
+	host, _ := os.Hostname()
+	prefix := fmt.Sprintf("asynq:servers:{%s:%d:", host, os.Getpid())
+	var member, serverID string
+	known := make(chan struct{}) // closed once member and serverID are set
+	// A twin (the same host and pid in another PID namespace) may be registered already: this
+	// server's registration is the one that was not there before it started.
+	before, err := withPrefix(rdb, prefix)
+	if err != nil {
+		log.Fatal(err)
+	}
+	go func() {
+		m, err := waitRegistered(rdb, prefix, before)
+		if err != nil {
+			log.Fatal(err)
+		}
+		member = m
+		serverID = strings.TrimSuffix(strings.TrimPrefix(member, prefix), "}")
+		close(known)
+		fmt.Println("ready", os.Getpid(), serverID)
+	}()
+
 	var running atomic.Int32
 	mux := asynq.NewServeMux()
 	mux.HandleFunc("sleep", func(ctx context.Context, _ *asynq.Task) error {
+		if *runs != "" {
+			if err := record(ctx, rdb, *runs, known, &serverID); err != nil {
+				return err
+			}
+		}
 		if running.Add(1) == int32(*concurrency) {
 			fmt.Println("busy", *concurrency)
 		}
 		defer running.Add(-1)
+		if *hold != "" {
+			return holdUntil(ctx, rdb, *hold)
+		}
 		select {
 		case <-time.After(*taskSleep):
 			return nil
@@ -87,26 +146,7 @@ func main() {
 			return ctx.Err()
 		}
 	})
-	srv := asynq.NewServer(opt, asynq.Config{
-		Concurrency:     *concurrency,
-		Queues:          weights,
-		StrictPriority:  *strict,
-		ShutdownTimeout: *shutdownTimeout,
-		LogLevel:        asynq.WarnLevel,
-	})
-
-	rdb := redis.NewClient(&redis.Options{Addr: *addr})
-	defer rdb.Close()
-	host, _ := os.Hostname()
-	prefix := fmt.Sprintf("asynq:servers:{%s:%d:", host, os.Getpid())
-	go func() {
-		member, err := waitRegistered(rdb, prefix)
-		if err != nil {
-			log.Fatal(err)
-		}
-		id := strings.TrimSuffix(strings.TrimPrefix(member, prefix), "}")
-		fmt.Println("ready", os.Getpid(), id)
-	}()
+	srv := asynq.NewServer(opt, cfg)
 
 	if *mode == "run" {
 		if err := srv.Run(mux); err != nil {
@@ -125,11 +165,47 @@ func main() {
 		<-sigs
 		srv.Shutdown()
 	}
-	left, err := registered(rdb, prefix)
-	if err != nil {
-		log.Fatal(err)
+	left := false
+	select {
+	case <-known:
+		if left, err = registered(rdb, member); err != nil {
+			log.Fatal(err)
+		}
+	default: // it never registered: nothing of it is left
 	}
 	fmt.Printf("exit registered=%t\n", left)
+}
+
+// record appends "TASK_ID SERVER_ID RETRIED UNIX_MS" for the run starting now to the list key,
+// once this server's id is known (its first beat comes before its first task, or just after).
+func record(ctx context.Context, rdb *redis.Client, key string, known <-chan struct{}, serverID *string) error {
+	started := time.Now()
+	id, _ := asynq.GetTaskID(ctx)
+	retried, _ := asynq.GetRetryCount(ctx)
+	select {
+	case <-known:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	line := fmt.Sprintf("%s %s %d %d", id, *serverID, retried, started.UnixMilli())
+	return rdb.RPush(ctx, key, line).Err()
+}
+
+// holdUntil returns once the key exists in Redis, or with the context's error when it ends first.
+func holdUntil(ctx context.Context, rdb *redis.Client, key string) error {
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		n, err := rdb.Exists(ctx, key).Result()
+		if err == nil && n > 0 {
+			return nil
+		}
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 }
 
 // parseQueues reads "NAME" or "NAME=WEIGHT,NAME=WEIGHT"; the first name is where tasks go.
@@ -155,18 +231,42 @@ func parseQueues(spec string) (map[string]int, string, error) {
 	return weights, first, nil
 }
 
-// waitRegistered polls asynq:servers until a member of this host and pid appears.
-func waitRegistered(rdb *redis.Client, prefix string) (string, error) {
+// withPrefix lists the members of asynq:servers that start with prefix.
+func withPrefix(rdb *redis.Client, prefix string) (map[string]bool, error) {
+	members, err := rdb.ZRange(context.Background(), "asynq:servers", 0, -1).Result()
+	if err != nil {
+		return nil, err
+	}
+	found := map[string]bool{}
+	for _, m := range members {
+		if strings.HasPrefix(m, prefix) {
+			found[m] = true
+		}
+	}
+	return found, nil
+}
+
+// waitRegistered polls asynq:servers until a member of this host and pid that is not in before
+// appears; two new ones at once (twins started together) cannot be told apart: an error.
+func waitRegistered(rdb *redis.Client, prefix string, before map[string]bool) (string, error) {
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
-		members, err := rdb.ZRange(context.Background(), "asynq:servers", 0, -1).Result()
+		found, err := withPrefix(rdb, prefix)
 		if err != nil {
 			return "", err
 		}
-		for _, m := range members {
-			if strings.HasPrefix(m, prefix) {
-				return m, nil
+		var fresh []string
+		for m := range found {
+			if !before[m] {
+				fresh = append(fresh, m)
 			}
+		}
+		switch len(fresh) {
+		case 0:
+		case 1:
+			return fresh[0], nil
+		default:
+			return "", fmt.Errorf("registrations %v appeared at once: which is this server's is unknown", fresh)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -175,17 +275,12 @@ func waitRegistered(rdb *redis.Client, prefix string) (string, error) {
 
 // registered reads asynq:servers directly, not through the Inspector: listing servers with the
 // Inspector also removes other servers' expired members, which is the sidecar's job under test.
-func registered(rdb *redis.Client, prefix string) (bool, error) {
-	members, err := rdb.ZRange(context.Background(), "asynq:servers", 0, -1).Result()
-	if err != nil {
-		return false, err
+func registered(rdb *redis.Client, member string) (bool, error) {
+	_, err := rdb.ZScore(context.Background(), "asynq:servers", member).Result()
+	if errors.Is(err, redis.Nil) {
+		return false, nil
 	}
-	for _, m := range members {
-		if strings.HasPrefix(m, prefix) {
-			return true, nil
-		}
-	}
-	return false, nil
+	return err == nil, err
 }
 
 type workerJSON struct {

@@ -178,7 +178,7 @@ def _one(peer: Path, mode: str, phase: float) -> Result:
 def stale_tasks(quick: bool) -> Report:
     name = "stale-tasks"
     try:
-        from tests.gobuild import GoBuildError, build_peer, find_go
+        from tests.support.gobuild import GoBuildError, build_peer, find_go
     except ImportError as e:  # an installed package without the tests
         return Report([Row(name, f"needs tests/gobuild.py: {e}", [], "s", verdict=NOT_MEASURED)])
     go = find_go()

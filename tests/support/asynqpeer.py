@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from exporter.asynq import model as asynq
-from tests.helpers import eventually
+from tests.support.helpers import eventually
 
 HOST = socket.gethostname()  # what asynq registers under, and what the launchers report
 

@@ -29,7 +29,8 @@ from bench.core import (
     private_redis,
 )
 from exporter.asynq import model as asynq
-from exporter.registrations.reader import read_counts, read_details
+from exporter.registrations.counts import read_counts
+from exporter.registrations.details import read_details
 
 #: asynq's listServerKeysCmd, verbatim.
 LIST_SERVER_KEYS = """

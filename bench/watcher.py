@@ -26,7 +26,7 @@ from bench.core import (
     private_redis,
 )
 from exporter.redisio.health import RedisHealth
-from exporter.registrations.reader import DetailsWatcher, read_details
+from exporter.registrations.details import DetailsWatcher, read_details
 
 TARGET_SECONDS = 1.0
 #: The largest fleet's peak may exceed the 10,000 one's by this factor and still be "bounded".

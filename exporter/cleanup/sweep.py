@@ -50,6 +50,7 @@ from exporter.redisio.connect import connect, redis_time
 from exporter.redisio.health import REDIS_FAILURES, RedisHealth
 from exporter.settings import RedisConfig, SweepConfig
 from exporter.tasks.repair import repair_tasks
+from exporter.text import duration, printable, utc
 
 try:
     from hiredis import pack_command as _pack_command
@@ -542,34 +543,15 @@ class Sweeper:
 # ---------------------------------------------------------------- printing
 
 
-def _printable(text: str, limit: int = 120) -> str:
-    if not text.isprintable():
-        text = text.encode("unicode_escape").decode("ascii")
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _ago(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def _utc(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
 def print_report(report: SweepReport, out: TextIO) -> None:
     if report.lock_busy:
         out.write(f"Another sweep is running on {report.redis_url} (lock {LOCK_KEY} held by "
-                  f"{_printable(report.lock_holder or '?')}); nothing was done.\n")
+                  f"{printable(report.lock_holder or '?', 120)}); nothing was done.\n")
         return
     verb = "Would remove" if report.dry_run else "Removed"
     head = "Dry run, nothing was changed. " if report.dry_run else ""
-    out.write(f"{head}Sweep of {report.redis_url} at {_utc(report.time)}: registrations expired "
-              f"before {_utc(report.cutoff)} (grace {report.grace:g} s)\n\n")
+    out.write(f"{head}Sweep of {report.redis_url} at {utc(report.time)}: registrations expired "
+              f"before {utc(report.cutoff)} (grace {report.grace:g} s)\n\n")
     width = max(len(name) for name in report.sets) + 1
     for name, s in report.sets.items():
         line = f"  {name + ':':<{width}} {verb.lower()} {s.removed}, per-server keys {s.keys_deleted}"
@@ -581,7 +563,7 @@ def print_report(report: SweepReport, out: TextIO) -> None:
         if 0 < s.removed <= LIST_AT_MOST:
             for r in s.members:
                 note = "  (undecodable: its same-named key is left alone)" if r.undecodable else ""
-                out.write(f"      {_printable(r.member)}  expired {_ago(report.time - r.score)} ago{note}\n")
+                out.write(f"      {printable(r.member, 120)}  expired {duration(report.time - r.score)} ago{note}\n")
         elif s.removed:
             out.write(f"      ({s.removed} members; --json lists them all)\n")
     out.write(f"\n{verb} {report.removed} registration(s) and {report.keys_deleted} per-server key(s) "

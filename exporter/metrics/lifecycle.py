@@ -1,4 +1,5 @@
-"""The lifecycle sinks: the contract metrics of issue 3, and one log line per lifecycle edge.
+"""The lifecycle sinks: workers by state, exits by outcome, shutdown durations and the socket's
+counts; and one log line per lifecycle edge.
 
 `LifecycleMetrics` also receives the socket server's counts (connections, rejected input, socket
 file recreations), so every lifecycle metric lives in one place, on the sidecar's injected registry.

@@ -18,7 +18,8 @@ from prometheus_client.registry import Collector
 from exporter import __version__
 from exporter.asynq import model as asynq
 from exporter.redisio.health import RedisHealth
-from exporter.registrations.reader import DetailsWatcher, RegistryCounts
+from exporter.registrations.counts import RegistrationCounts
+from exporter.registrations.details import DetailsWatcher
 
 # `_created` series double the series count and are not used by the dashboards or alerts.
 prometheus_client.disable_created_metrics()
@@ -28,8 +29,8 @@ prometheus_client.disable_created_metrics()
 KNOWN_STATUSES = (*asynq.SERVER_STATUSES, "unknown")
 
 
-class RegistryCollector(Collector):
-    def __init__(self, counts: RegistryCounts, watcher: DetailsWatcher, health: RedisHealth,
+class RegistrationCollector(Collector):
+    def __init__(self, counts: RegistrationCounts, watcher: DetailsWatcher, health: RedisHealth,
                  clock: Callable[[], float] = time.time) -> None:
         self._counts = counts
         self._watcher = watcher
@@ -48,7 +49,7 @@ class RegistryCollector(Collector):
         undecodable = CounterMetricFamily(
             "asynq_sidecar_undecodable_values",
             "Values in Redis that are not what asynq writes (skipped), by kind.", labels=["kind"])
-        for kind in ("member", "server_info", "worker_info", "scheduler_entry"):
+        for kind in ("member", "server_info", "worker_info"):
             undecodable.add_metric([kind], self._watcher.undecodable.get(kind, 0))
         yield undecodable
         info = GaugeMetricFamily("asynq_sidecar_build_info", "Always 1; the version as a label.",
@@ -96,5 +97,5 @@ class RegistryCollector(Collector):
                                 value=max(0.0, self._clock() - d.at))
 
 
-def new_registry() -> CollectorRegistry:
+def new_collector_registry() -> CollectorRegistry:
     return CollectorRegistry(auto_describe=True)

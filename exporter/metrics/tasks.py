@@ -10,7 +10,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 #: Why a task was handed back to asynq's recoverer.
-REASONS = ("worker_death", "orphan")
+RECOVERY_REASONS = ("worker_death", "orphan")
 
 
 class TaskMetrics:
@@ -24,7 +24,7 @@ class TaskMetrics:
         self.would_recover = Counter("asynq_sidecar_tasks_would_recover",
                                      "Stale tasks that --recover-tasks dry-run would have handed to "
                                      "asynq's recoverer, by reason.", ["reason"], registry=registry)
-        for reason in REASONS:
+        for reason in RECOVERY_REASONS:
             self.recovered.labels(reason=reason)
             self.would_recover.labels(reason=reason)
 

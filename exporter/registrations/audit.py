@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
@@ -25,6 +24,7 @@ from exporter.redisio.health import REDIS_FAILURES
 from exporter.settings import AuditConfig, RedisConfig
 from exporter.tasks.audit import TASK_IDS, print_stale_tasks, stale_tasks_json
 from exporter.tasks.reader import QueueTasks, read_stale
+from exporter.text import duration, printable, utc
 
 log = logging.getLogger("exporter.registrations.audit")
 
@@ -216,32 +216,13 @@ async def read_report(redis: Redis, now: float | None = None, display_url: str =
 # ---------------------------------------------------------------- printing
 
 
-def format_duration(seconds: float) -> str:
-    """7s, 2m05s, 3h04m, 5d02h: short and sortable by eye."""
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def _printable(text: str, limit: int = 80) -> str:
-    """Text from Redis made safe for a terminal: control characters escaped, length bounded."""
-    if not text.isprintable():
-        text = text.encode("unicode_escape").decode("ascii")
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def _row(reg: Registration) -> list[str]:
     if reg.state == "live":
-        expiry = f"in {format_duration(reg.seconds_until_expiry or 0.0)}"
+        expiry = f"in {duration(reg.seconds_until_expiry or 0.0)}"
     else:
-        expiry = f"{format_duration(reg.seconds_since_expiry or 0.0)} ago"
+        expiry = f"{duration(reg.seconds_since_expiry or 0.0)} ago"
     if reg.host is None:  # an undecodable member: show what it is
-        return [reg.set, "?", "?", _printable(reg.member, 60), "undecodable member", reg.state, expiry, "-"]
+        return [reg.set, "?", "?", printable(reg.member, 60), "undecodable member", reg.state, expiry, "-"]
     if reg.set == "schedulers":
         status = "-" if reg.problem is None else "unreadable"
         if reg.key_exists:
@@ -257,7 +238,7 @@ def _row(reg: Registration) -> list[str]:
     else:
         status = "-"
     tasks = "-" if reg.active_tasks is None else str(reg.active_tasks)
-    return [reg.set, _printable(reg.host), str(reg.pid), _printable(reg.id or ""), status, reg.state, expiry, tasks]
+    return [reg.set, printable(reg.host), str(reg.pid), printable(reg.id or ""), status, reg.state, expiry, tasks]
 
 
 def summary_line(report: Report) -> str:
@@ -270,7 +251,7 @@ def summary_line(report: Report) -> str:
 
 
 def print_table(report: Report, out: TextIO) -> None:
-    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(report.time))
+    when = utc(report.time)
     out.write(f"Registrations in {report.redis_url} at {when} (read-only; nothing was changed)\n\n")
     if report.registrations:
         header = ["SET", "HOST", "PID", "ID", "STATUS", "STATE", "EXPIRY", "TASKS"]
@@ -282,13 +263,13 @@ def print_table(report: Report, out: TextIO) -> None:
         if problems:
             out.write("\nProblems:\n")
             for reg in problems:
-                out.write(f"  {_printable(reg.member, 100)}: {_printable(reg.problem or '', 200)}\n")
+                out.write(f"  {printable(reg.member, 100)}: {printable(reg.problem or '', 200)}\n")
     else:
         out.write("No registrations.\n")
     out.write("\n" + summary_line(report) + "\n")
     print_stale_tasks(report.tasks, report.time, out)
     if report.tasks_refused:
-        out.write(f"\nTasks not read: Redis refused ({_printable(report.tasks_refused, 200)}).\n")
+        out.write(f"\nTasks not read: Redis refused ({printable(report.tasks_refused, 200)}).\n")
 
 
 # ---------------------------------------------------------------- command

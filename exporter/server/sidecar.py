@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
@@ -25,12 +26,13 @@ from exporter.lifecycle.listener import LifecycleSocket
 from exporter.lifecycle.tracker import Decision, Event, State, Tracker, WorkerForgotten
 from exporter.metrics.http import refused_requests
 from exporter.metrics.lifecycle import LifecycleLog, LifecycleMetrics
-from exporter.metrics.registrations import RegistryCollector, new_registry
+from exporter.metrics.registrations import RegistrationCollector, new_collector_registry
 from exporter.metrics.tasks import QueueTasksCollector
 from exporter.redisio.clock import RedisClock
 from exporter.redisio.connect import SentinelMaster, connect
 from exporter.redisio.health import REDIS_FAILURES, RedisHealth
-from exporter.registrations.reader import DetailsWatcher, RegistryCounts, ScrapesFirst
+from exporter.registrations.counts import RegistrationCounts
+from exporter.registrations.details import DetailsWatcher, ScrapesFirst
 from exporter.server.http import build_app
 from exporter.settings import ServeConfig
 from exporter.tasks.recovery import TaskRecovery
@@ -51,6 +53,15 @@ class Sink(Protocol):
     def handle(self, decision: Decision, now: float) -> None: ...
 
 
+@dataclass(frozen=True)
+class Hooks:
+    """Calls out of the sidecar, for tests and embedders that wait on what it did; none of them
+    changes what it does."""
+
+    cleanup_settled: Callable[[], None] = lambda: None  # the cleanup after an exit is over
+    details_read: Callable[[], None] = lambda: None  # this sidecar made a full details read
+
+
 class Sidecar:
     """The running sidecar. `async with Sidecar(cfg) as sc:` serves until the block exits.
 
@@ -58,12 +69,10 @@ class Sidecar:
     and passes each decision to every sink in `sinks`.
     """
 
-    def __init__(self, cfg: ServeConfig, *, on_cleanup_settled: Callable[[], None] = lambda: None) -> None:
-        """`on_cleanup_settled` is called each time the cleanup after a worker's exit is over
-        (a hook for tests and embedders; the sidecar itself polls `cleanup.idle`)."""
+    def __init__(self, cfg: ServeConfig, *, hooks: Hooks | None = None) -> None:
         self.cfg = cfg
-        self._on_cleanup_settled = on_cleanup_settled
-        self.registry = new_registry()
+        self.hooks = hooks or Hooks()
+        self.registry = new_collector_registry()
         self.health = RedisHealth(cfg.redis.display_url)
         self._stack = AsyncExitStack()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -193,15 +202,16 @@ class Sidecar:
 
         # Every time decision is taken on Redis's clock, shared by the whole fleet.
         self.redis_clock = RedisClock()
-        self.counts = RegistryCounts(self.redis, self.health, clock=self.redis_clock.now)
+        self.counts = RegistrationCounts(self.redis, self.health, clock=self.redis_clock.now)
         self.scrapes_first = ScrapesFirst()
         self.task_recovery = TaskRecovery(self.redis, self.health, cfg.cleanup.recover_tasks,
                                           registry=self.registry)
         self.watcher = DetailsWatcher(self.redis, self.health, cfg.watch_interval,
                                       shared=cfg.details_sharing, scrapes_first=self.scrapes_first,
                                       identity=f"{cfg.hostname}:{os.getpid()}:{id(self):x}",
-                                      clock=self.redis_clock.now, task_reader=self.task_recovery)
-        self.registry.register(RegistryCollector(self.counts, self.watcher, self.health,
+                                      clock=self.redis_clock.now, task_reader=self.task_recovery,
+                                      on_full_read=self.hooks.details_read)
+        self.registry.register(RegistrationCollector(self.counts, self.watcher, self.health,
                                                  clock=self.redis_clock.now))
         self.task_recovery.on_undecodable = self.watcher.count_undecodable
         self.registry.register(QueueTasksCollector(self.counts, self.watcher))
@@ -216,7 +226,7 @@ class Sidecar:
         self.cleanup = Cleanup(self.redis, self.health, cfg.cleanup, registry=self.registry,
                                submit=self.submit, spawn=self.spawn, poll_interval=cfg.poll_interval,
                                hostname=cfg.hostname, clock=self.redis_clock,
-                               tasks=self.task_recovery, on_settled=self._on_cleanup_settled)
+                               tasks=self.task_recovery, on_settled=self.hooks.cleanup_settled)
         self.sinks.append(self.cleanup)
         self.spawn(self.cleanup.observer.observe_forever(), "registration-observer")
         self.spawn(self.cleanup.orphans.remove_host_orphans(), "host-orphans")

@@ -7,15 +7,10 @@ from __future__ import annotations
 from typing import Any, TextIO
 
 from exporter.tasks.reader import QueueTasks
+from exporter.text import printable
 
 #: Ids listed per queue and kind; the counts are complete.
 TASK_IDS = 20
-
-
-def _printable(text: str, limit: int = 80) -> str:
-    if not text.isprintable():
-        text = text.encode("unicode_escape").decode("ascii")
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def stale_tasks_json(queues: dict[str, QueueTasks], now: float) -> dict[str, Any]:
@@ -33,15 +28,15 @@ def print_stale_tasks(queues: dict[str, QueueTasks], now: float, out: TextIO) ->
         return
     out.write("\nTasks by queue (lease expired: waiting for asynq's recoverer; orphaned: no lease and "
               "run by no live server, never recovered by asynq):\n")
-    width = max(len(_printable(q, 40)) for q in queues)
+    width = max(len(printable(q, 40)) for q in queues)
     for q, qt in sorted(queues.items()):
-        out.write(f"  {_printable(q, 40):<{width}}  active {qt.active}, lease expired "
+        out.write(f"  {printable(q, 40):<{width}}  active {qt.active}, lease expired "
                   f"{qt.lease_expired_total}, orphaned {len(qt.orphaned)}\n")
         for i, score in qt.lease_expired:
-            out.write(f"      lease expired {max(0, int(now - score))}s ago: {_printable(i)}\n")
+            out.write(f"      lease expired {max(0, int(now - score))}s ago: {printable(i)}\n")
         if qt.lease_expired_total > len(qt.lease_expired):
             out.write(f"      ({qt.lease_expired_total - len(qt.lease_expired)} more lease-expired)\n")
         for i in qt.orphaned[:TASK_IDS]:
-            out.write(f"      orphaned: {_printable(i)}\n")
+            out.write(f"      orphaned: {printable(i)}\n")
         if len(qt.orphaned) > TASK_IDS:
             out.write(f"      ({len(qt.orphaned) - TASK_IDS} more orphaned)\n")

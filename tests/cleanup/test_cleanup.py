@@ -20,7 +20,7 @@ from exporter.lifecycle.tracker import Bye, Disconnected, Exited, Hello, State
 from exporter.redisio.clock import RedisClock
 from exporter.server.sidecar import Sidecar
 from exporter.settings import CleanupConfig, RedisConfig
-from tests.support.helpers import eventually, register_server
+from tests.support.helpers import Watched, eventually, register_server
 
 HOST = socket.gethostname()  # a worker shares its pod's host name with the sidecar
 #: An ordinary pod: one worker container, so host:pid is unique and a reported exit is proof.
@@ -94,16 +94,16 @@ async def test_a_clean_exit_0_that_leaves_the_registration_is_a_leak_asynq_979(r
 
 
 async def test_a_worker_that_deregistered_itself_is_not_a_leak(rdb, make_config):
-    settled = asyncio.Event()
-    async with Sidecar(make_config(), on_cleanup_settled=settled.set) as sc:
+    watched = Watched()
+    async with Sidecar(make_config(), hooks=watched.hooks) as sc:
         conn, m = await start_worker(sc, rdb, 1, "s1")
         # asynq's ClearServerState, then the process exits 0
         rdb.zrem(asynq.SERVERS, m.key)
         rdb.zrem(asynq.WORKERS, m.sibling("workers").key)
         rdb.delete(m.key, m.sibling("workers").key)
-        settled.clear()
+        watched.cleanup_settled.clear()
         sc.submit(Exited(conn, code=0))
-        await eventually(settled.is_set, what="cleanup finished")
+        await eventually(watched.cleanup_settled.is_set, what="cleanup finished")
         assert metric(sc, "asynq_sidecar_leaked_registrations_total") == 0
         assert metric(sc, "asynq_sidecar_registrations_removed_total", reason="worker_exit") == 0
 
@@ -172,8 +172,8 @@ async def test_only_the_dead_workers_registration_goes(rdb, make_config):
 
 
 async def test_a_newer_incarnation_is_not_claimed_by_the_dead_worker(rdb, make_config):
-    settled = asyncio.Event()
-    async with Sidecar(make_config(cleanup=CleanupConfig(settle=0.3)), on_cleanup_settled=settled.set) as sc:
+    watched = Watched()
+    async with Sidecar(make_config(cleanup=CleanupConfig(settle=0.3)), hooks=watched.hooks) as sc:
         conn = sc.new_conn_id()
         sc.submit(Hello(conn, pid=1, host=HOST, started_at=time.time()))
         await eventually(lambda: conn in sc.tracker.workers, what="hello applied")
@@ -181,21 +181,21 @@ async def test_a_newer_incarnation_is_not_claimed_by_the_dead_worker(rdb, make_c
         # worker's cleanup looks, but it started after that worker's exit.
         exit_at = time.time()
         newer = register_server(rdb, HOST, 1, "newer", exit_at + 10, start_time=exit_at + 0.5)
-        settled.clear()
+        watched.cleanup_settled.clear()
         sc.submit(Exited(conn, signal="SIGKILL"), at=exit_at)  # died before registering
-        await eventually(settled.is_set, what="cleanup finished")
+        await eventually(watched.cleanup_settled.is_set, what="cleanup finished")
         assert registration_present(rdb, newer) and rdb.exists(newer.key)
         assert metric(sc, "asynq_sidecar_leaked_registrations_total") == 0
 
 
 @pytest.mark.parametrize("mode", ["dry-run", "off"])
 async def test_dry_run_and_off_count_the_leak_but_remove_nothing(rdb, make_config, mode):
-    settled = asyncio.Event()
-    async with Sidecar(make_config(cleanup=CleanupConfig(mode=mode, host_pids_unique=True)), on_cleanup_settled=settled.set) as sc:
+    watched = Watched()
+    async with Sidecar(make_config(cleanup=CleanupConfig(mode=mode, host_pids_unique=True)), hooks=watched.hooks) as sc:
         conn, m = await start_worker(sc, rdb, 1, "s1")
-        settled.clear()
+        watched.cleanup_settled.clear()
         sc.submit(Exited(conn, signal="SIGKILL"))
-        await eventually(settled.is_set, what="cleanup finished")
+        await eventually(watched.cleanup_settled.is_set, what="cleanup finished")
         assert registration_present(rdb, m)
         assert metric(sc, "asynq_sidecar_leaked_registrations_total") == 1
         expected = 1 if mode == "dry-run" else 0
@@ -309,14 +309,14 @@ async def test_on_stop_the_sidecar_lingers_until_the_worker_exited_and_was_clean
 async def test_lingering_waits_for_a_final_scrape_when_something_scrapes(rdb, make_config):
     from tests.support.helpers import scrape, value
 
-    settled = asyncio.Event()
+    watched = Watched()
 
-    async with Sidecar(make_config(cleanup=UNIQUE), on_cleanup_settled=settled.set) as sc:
+    async with Sidecar(make_config(cleanup=UNIQUE), hooks=watched.hooks) as sc:
         conn, _ = await start_worker(sc, rdb, 1, "s1")
         await scrape(sc.http_url)  # a Prometheus scrapes this sidecar
         sc.submit(Exited(conn, code=0))
         lingering = asyncio.create_task(sc.linger(10))
-        await eventually(settled.is_set, what="the cleanup")
+        await eventually(watched.cleanup_settled.is_set, what="the cleanup")
         await asyncio.sleep(0.2)
         assert not lingering.done()  # the exit has not been scraped yet
         text = await scrape(sc.http_url)
@@ -429,13 +429,13 @@ async def test_a_live_server_of_the_same_host_and_pid_that_registered_first_surv
 
 
 async def test_a_worker_with_two_servers_leaves_neither_behind(rdb, make_config):
-    settled = asyncio.Event()
-    async with Sidecar(make_config(cleanup=CleanupConfig(settle=0.3, host_pids_unique=True)), on_cleanup_settled=settled.set) as sc:
+    watched = Watched()
+    async with Sidecar(make_config(cleanup=CleanupConfig(settle=0.3, host_pids_unique=True)), hooks=watched.hooks) as sc:
         conn, first = await start_worker(sc, rdb, 1, "first")
         second = register_server(rdb, HOST, 1, "second", time.time() + 10)
-        settled.clear()
+        watched.cleanup_settled.clear()
         sc.submit(Exited(conn, signal="SIGKILL"))
-        await eventually(settled.is_set, timeout=5, what="cleanup finished")
+        await eventually(watched.cleanup_settled.is_set, timeout=5, what="cleanup finished")
         assert gone_entirely(rdb, first) and gone_entirely(rdb, second)
         assert metric(sc, "asynq_sidecar_registrations_removed_total", reason="worker_exit") == 2
 

@@ -18,8 +18,9 @@ from exporter.asynq import model as asynq
 from exporter.cli import main as cli
 from exporter.devtools.emulator import Emulator
 from exporter.devtools.redis_server import free_port
-from exporter.registrations.audit import format_duration, read_report
+from exporter.registrations.audit import read_report
 from exporter.settings import EmulatorConfig
+from exporter.text import duration
 from tests.support.helpers import faketime_prefix, redis_now
 from tests.support.tools import require_tool
 
@@ -147,7 +148,7 @@ async def test_wrong_type_key_is_shown_not_fatal(live_only, ardb):
 
 
 def test_format_duration():
-    assert [format_duration(s) for s in (0, 7.4, 125, 3 * 3600 + 240, 5 * 86400 + 7200)] == \
+    assert [duration(s) for s in (0, 7.4, 125, 3 * 3600 + 240, 5 * 86400 + 7200)] == \
         ["0s", "7s", "2m05s", "3h04m", "5d02h"]
 
 

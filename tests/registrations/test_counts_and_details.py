@@ -14,7 +14,7 @@ import aiohttp
 from exporter.devtools.redis_server import RedisServer, free_port
 from exporter.server.sidecar import Sidecar
 from exporter.settings import RedisConfig
-from tests.support.helpers import eventually, register_server, samples, scrape, value, wait_until
+from tests.support.helpers import Watched, eventually, register_server, samples, scrape, value, wait_until
 from tests.support.tools import require_tool
 
 
@@ -52,8 +52,9 @@ async def test_undecodable_values_are_counted_once_each_and_skipped(rdb, make_co
     for i in (2, 3):
         rdb.zadd("asynq:servers", {f"asynq:servers:{{a:{i}:bad}}": now + 30})
         rdb.set(f"asynq:servers:{{a:{i}:bad}}", b"\xff\xff\xff")
-    async with Sidecar(make_config()) as sc:
-        await eventually(lambda: sc.watcher.full_reads >= 3, what="three details reads")
+    watched = Watched()
+    async with Sidecar(make_config(), hooks=watched.hooks) as sc:
+        await eventually(lambda: watched.full_reads >= 3, what="three details reads")
         text = await scrape(sc.http_url)
     assert value(text, "asynq_registry_concurrency") == 4
     assert value(text, "asynq_sidecar_undecodable_values_total", kind="member") == 3
@@ -205,13 +206,17 @@ async def test_one_sidecar_of_the_fleet_reads_the_details_and_the_others_share_t
     # A lease of 2.5 intervals: long enough that a busy machine does not hand it over mid-test.
     configs = [make_config(socket=SocketConfig(path=str(tmp_path / f"{i}.sock")), watch_interval=0.5)
                for i in range(3)]
-    async with Sidecar(configs[0]) as first, Sidecar(configs[1]) as second, Sidecar(configs[2]) as third:
+    watched = [Watched() for _ in configs]
+    async with Sidecar(configs[0], hooks=watched[0].hooks) as first, \
+            Sidecar(configs[1], hooks=watched[1].hooks) as second, \
+            Sidecar(configs[2], hooks=watched[2].hooks) as third:
         fleet = (first, second, third)
         await eventually(lambda: all(sc.watcher.latest for sc in fleet), what="details everywhere")
         leaders = [sc for sc in fleet if sc.watcher.leader]
         assert len(leaders) == 1
-        reads_before = [sc.watcher.full_reads for sc in fleet]
-        await eventually(lambda: leaders[0].watcher.full_reads >= reads_before[fleet.index(leaders[0])] + 2,
+        reads_before = [w.full_reads for w in watched]
+        lead = fleet.index(leaders[0])
+        await eventually(lambda: watched[lead].full_reads >= reads_before[lead] + 2,
                          what="two more reads by the leader")
         for sc in fleet:
             text = await scrape(sc.http_url)
@@ -222,9 +227,10 @@ async def test_one_sidecar_of_the_fleet_reads_the_details_and_the_others_share_t
             assert value(text, "asynq_registry_snapshot_age_seconds") < 2
         for i, sc in enumerate(fleet):  # followers never made a full read after the first tick
             if sc is not leaders[0]:
-                assert sc.watcher.full_reads == reads_before[i] <= 1
+                assert watched[i].full_reads == reads_before[i] <= 1
     # The leader stops: its exit hands the lease back and the other takes over the full read.
-    successor = Sidecar(configs[1])
+    successor_watched = Watched()
+    successor = Sidecar(configs[1], hooks=successor_watched.hooks)
     async with Sidecar(configs[0]) as leader:
         await eventually(lambda: leader.watcher.leader, what="the first one to lead")
         await successor.__aenter__()
@@ -236,7 +242,7 @@ async def test_one_sidecar_of_the_fleet_reads_the_details_and_the_others_share_t
             raise
     try:
         await eventually(lambda: successor.watcher.leader, timeout=3, what="the other to take over")
-        assert successor.watcher.full_reads >= 1
+        assert successor_watched.full_reads >= 1
     finally:
         await successor.__aexit__(None, None, None)
 
@@ -247,8 +253,9 @@ async def test_sharing_off_makes_every_sidecar_read_for_itself(rdb, make_config,
     register_server(rdb, "a", 1, "s", time.time() + 10)
     cfgs = [make_config(details_sharing=False, socket=SocketConfig(path=str(tmp_path / f"{i}.sock")))
             for i in range(2)]
-    async with Sidecar(cfgs[0]) as one, Sidecar(cfgs[1]) as two:
-        await eventually(lambda: one.watcher.full_reads >= 2 and two.watcher.full_reads >= 2,
+    watched = [Watched(), Watched()]
+    async with Sidecar(cfgs[0], hooks=watched[0].hooks), Sidecar(cfgs[1], hooks=watched[1].hooks):
+        await eventually(lambda: watched[0].full_reads >= 2 and watched[1].full_reads >= 2,
                          what="both reading")
         assert not rdb.exists("asynq-sidecar:details")
 
@@ -256,7 +263,7 @@ async def test_sharing_off_makes_every_sidecar_read_for_itself(rdb, make_config,
 async def test_the_full_read_in_pages_and_chunks_counts_every_server_once(rdb, ardb):
     from collections import Counter
 
-    from exporter.registrations.reader import read_details
+    from exporter.registrations.details import read_details
 
     now = time.time()
     for i in range(23):
@@ -271,7 +278,7 @@ async def test_the_full_read_in_pages_and_chunks_counts_every_server_once(rdb, a
 
 
 async def test_the_full_read_steps_aside_while_a_scrape_is_in_flight(rdb, ardb):
-    from exporter.registrations.reader import ScrapesFirst, read_details
+    from exporter.registrations.details import ScrapesFirst, read_details
 
     now = time.time()
     for i in range(12):
@@ -296,7 +303,7 @@ async def test_the_full_read_steps_aside_while_a_scrape_is_in_flight(rdb, ardb):
 
 
 async def test_a_client_that_never_stops_scraping_slows_the_read_but_cannot_stop_it(rdb, ardb):
-    from exporter.registrations.reader import ScrapesFirst, read_details
+    from exporter.registrations.details import ScrapesFirst, read_details
 
     now = time.time()
     for i in range(12):

@@ -11,6 +11,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.asynq import model as asynq
+from exporter.server.sidecar import Hooks
 
 T = TypeVar("T")
 
@@ -103,3 +104,18 @@ def faketime_prefix(offset: str, faketime: str) -> tuple[list[str], dict[str, st
     wanted = float(offset.rstrip("s"))
     assert abs(shift - wanted) < 5, f"faketime {offset} shifted the clock by {shift:.1f} s"
     return prefix, env
+
+
+class Watched:
+    """A sidecar's hooks, counted: for tests that wait on what the sidecar did."""
+
+    def __init__(self) -> None:
+        self.full_reads = 0
+        self.cleanup_settled = asyncio.Event()
+
+    @property
+    def hooks(self) -> Hooks:
+        return Hooks(cleanup_settled=self.cleanup_settled.set, details_read=self._read)
+
+    def _read(self) -> None:
+        self.full_reads += 1

@@ -21,13 +21,13 @@ from exporter.cli import main as cli
 from exporter.cli.options import SERVE_OPTIONS, ConfigError, resolve
 from exporter.devtools.emulator import Emulator, task_key
 from exporter.lifecycle.tracker import Disconnected, Exited, Hello, State
-from exporter.metrics.registrations import new_registry
+from exporter.metrics.registrations import new_collector_registry
 from exporter.redisio.health import RedisHealth
 from exporter.server.sidecar import Sidecar
 from exporter.settings import CleanupConfig, EmulatorConfig, SocketConfig
 from exporter.tasks import reader as tasks
 from exporter.tasks import recovery as taskrecovery
-from tests.support.helpers import eventually, redis_now, scrape, value
+from tests.support.helpers import Watched, eventually, redis_now, scrape, value
 
 HOST = socket.gethostname()  # a worker shares its pod's host name with the sidecar
 DEFAULT, CRITICAL = "default", "critical"
@@ -105,13 +105,14 @@ async def test_the_fleets_other_sidecars_export_the_leaders_orphan_count(rdb, ma
     orphan(rdb, "orphan-1")
     orphan(rdb, "orphan-2")
     other = str(tmp_path_factory.mktemp("o", numbered=True) / "l.sock")
-    async with Sidecar(make_config()) as first, \
-            Sidecar(make_config(socket=SocketConfig(path=other))) as second:
+    watched = {"first": Watched(), "second": Watched()}
+    async with Sidecar(make_config(), hooks=watched["first"].hooks) as first, \
+            Sidecar(make_config(socket=SocketConfig(path=other)), hooks=watched["second"].hooks) as second:
         for sc in (first, second):
             await eventually(lambda: sc.watcher.latest and sc.watcher.latest.orphaned, what="orphans read")
         assert first.watcher.leader != second.watcher.leader
-        follower = second if first.watcher.leader else first
-        assert follower.watcher.full_reads == 0  # it read the leader's aggregate, not the queues
+        follower = "second" if first.watcher.leader else "first"
+        assert watched[follower].full_reads == 0  # it read the leader's aggregate, not the queues
         for sc in (first, second):
             assert value(await scrape(sc.http_url), "asynq_queue_orphaned_tasks", queue=DEFAULT) == 2
 
@@ -177,7 +178,7 @@ async def test_a_doubtful_death_never_touches_tasks(rdb, ardb, make_config, doub
 async def test_a_task_that_moved_since_the_last_beat_is_skipped(rdb, ardb):
     """Each expiry is conditional in one script: the task is still active and its lease score is
     still the one read (a live server's beat since, or a new dequeue, moves it)."""
-    recovery = taskrecovery.TaskRecovery(ardb, RedisHealth("test"), "on", registry=new_registry())
+    recovery = taskrecovery.TaskRecovery(ardb, RedisHealth("test"), "on", registry=new_collector_registry())
     dead = emulated(ardb, 1, "dead", 3)
     await dead.start()
     found = await recovery.last_beat_tasks(dead.workers_member)
@@ -204,15 +205,17 @@ async def test_the_details_leader_repairs_an_orphan_seen_twice_apart(rdb, ardb, 
     listed = live.tasks[0].task_id
     rdb.zrem(tasks.lease_key(DEFAULT), listed)  # no lease, but a live server runs it
     state = untouched_task_state(rdb)
-    async with Sidecar(make_config(cleanup=CleanupConfig(recover_tasks=mode), watch_interval=0.05)) as sc:
+    watched = Watched()
+    async with Sidecar(make_config(cleanup=CleanupConfig(recover_tasks=mode), watch_interval=0.05),
+                       hooks=watched.hooks) as sc:
         sc.task_recovery.orphan_confirm_after = 0.5
         counter = "asynq_sidecar_tasks_recovered_total" if mode == "on" else "asynq_sidecar_tasks_would_recover_total"
         orphan(rdb, "orphan-1")
         made_at = time.monotonic()
         await eventually(lambda: metric(sc, counter, reason="orphan") == 1, what="the repair")
         assert time.monotonic() - made_at >= 0.5
-        reads = sc.watcher.full_reads
-        await eventually(lambda: sc.watcher.full_reads >= reads + 3, what="three more reads")
+        reads = watched.full_reads
+        await eventually(lambda: watched.full_reads >= reads + 3, what="three more reads")
         assert metric(sc, counter, reason="orphan") == 1  # once, whatever the number of reads
         orphaned = sc.watcher.latest.orphaned
     lease = leases(rdb).get("orphan-1")
@@ -393,7 +396,7 @@ def test_worker_queue_agrees_with_protobuf_on_any_bytes(data):
 
 
 async def test_an_undecodable_workers_value_is_counted_and_the_other_tasks_still_go(rdb, ardb):
-    recovery = taskrecovery.TaskRecovery(ardb, RedisHealth("test"), "on", registry=new_registry())
+    recovery = taskrecovery.TaskRecovery(ardb, RedisHealth("test"), "on", registry=new_collector_registry())
     bad: list[tuple[str, bytes]] = []
     recovery.on_undecodable = lambda kind, key: bad.append((kind, key))
     dead = emulated(ardb, 1, "dead", 2)
@@ -456,12 +459,12 @@ async def test_the_scripts_check_every_task_however_many(rdb, ardb, n):
     assert await taskrecovery.repair_orphans(ardb, {DEFAULT: ids}, dry_run=False) == expected
     assert set(leases(rdb)) == set(ids[1:]) and leases(rdb)[ids[1]] == 123
 
-    recovery = taskrecovery.TaskRecovery(ardb, RedisHealth("test"), "on", registry=new_registry())
+    recovery = taskrecovery.TaskRecovery(ardb, RedisHealth("test"), "on", registry=new_collector_registry())
     dead = emulated(ardb, 1, "dead", n)
     await dead.start()
     found = await recovery.last_beat_tasks(dead.workers_member)
     rdb.lrem(tasks.active_key(DEFAULT), 0, found[0].id)
-    dry_run = taskrecovery.TaskRecovery(ardb, RedisHealth("test"), "dry-run", registry=new_registry())
+    dry_run = taskrecovery.TaskRecovery(ardb, RedisHealth("test"), "dry-run", registry=new_collector_registry())
     before = leases(rdb)
     assert await dry_run.worker_died(found, "a test worker") == n - 1
     assert leases(rdb) == before

@@ -1,140 +1,28 @@
-"""Reading asynq's registration sets: counts per scrape (O(1) commands) and a details watcher.
-
-`RegistryCounts` is refreshed by the /metrics handler in one pipelined round trip of
-ZCOUNT/ZRANGE commands (each O(log N)), so a scrape costs the same at 10 or 100,000
-registrations. `DetailsWatcher` reads every live server's ServerInfo on its own interval,
-aggregating as it goes, and never inside a scrape. With sharing on (the default) only one
-sidecar of the fleet, the holder of a lease in Redis, makes that full read and publishes the
-aggregate; the others read the aggregate (one small hash), so the fleet's Redis load does not
-grow with pods x servers.
+"""The details read: every live server's ServerInfo, read on its own interval and aggregated as it
+goes, never inside a scrape. With sharing on (the default) only one sidecar of the fleet, the
+holder of a lease in Redis, makes that full read and publishes the aggregate; the others read the
+aggregate (one small hash), so the fleet's Redis load does not grow with pods x servers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from exporter.asynq import model as asynq
 from exporter.redisio.health import REDIS_FAILURES, RedisHealth
-from exporter.tasks import reader as tasks
 
-log = logging.getLogger("exporter.registrations.reader")
-
-
-@dataclass(frozen=True)
-class SetCounts:
-    live: int
-    expired: int
-    oldest_expired_age: float  # seconds; 0 when nothing is expired
-
-
-@dataclass(frozen=True)
-class CountsSnapshot:
-    at: float
-    sets: dict[str, SetCounts]
-    # asynq's queues (asynq:queues) and each one's task counts, when read with the sets.
-    queue_names: list[str] = field(default_factory=list)
-    queues: dict[str, tasks.QueueCounts] = field(default_factory=dict)
-    tasks_refused: str | None = None  # why the task counts could not be read (Redis's error)
-
-
-async def read_counts(redis: Redis, now: float, queues: Sequence[str] | None = None) -> CountsSnapshot:
-    """Live/expired counts and the oldest expired score of each set, in one round trip.
-
-    A member is live when its score (an expiry time in whole seconds) is at or after `now`,
-    expired when it is before. Nine commands, each O(log N). With `queues` (the queue names
-    known from the previous read), the same round trip also reads asynq:queues (SMEMBERS) and
-    three O(1)/O(log N) commands per known queue (exporter.tasks.add_count_commands): 9 + 1 +
-    3 x queues commands, whatever the number of tasks.
-    """
-    pipe = redis.pipeline(transaction=False)
-    for key in asynq.SETS.values():
-        pipe.zcount(key, now, "+inf")
-        pipe.zcount(key, "-inf", f"({now}")
-        pipe.zrange(key, 0, 0, withscores=True)  # lowest score: the oldest expiry
-    if queues is None:
-        return CountsSnapshot(at=now, sets=_set_counts(await pipe.execute(), now))
-    pipe.smembers(tasks.QUEUES)
-    tasks.add_count_commands(pipe, queues, now)
-    # A refused task command (an ACL that grants only the registration keys) must not cost the
-    # registration counts: errors come back as replies, and only the sets' are raised.
-    replies = await pipe.execute(raise_on_error=False)
-    for reply in replies[:9]:
-        if isinstance(reply, Exception):
-            raise reply
-    refused = next((r for r in replies[9:] if isinstance(r, Exception)), None)
-    if refused is not None:
-        return CountsSnapshot(at=now, sets=_set_counts(replies, now), tasks_refused=str(refused))
-    return CountsSnapshot(at=now, sets=_set_counts(replies, now), queue_names=tasks.queue_names(replies[9]),
-                          queues=tasks.parse_counts(replies[10:], queues, now))
-
-
-def _set_counts(replies: Sequence[Any], now: float) -> dict[str, SetCounts]:
-    sets: dict[str, SetCounts] = {}
-    for i, name in enumerate(asynq.SETS):
-        live, expired, lowest = replies[3 * i : 3 * i + 3]
-        oldest_age = 0.0
-        if expired and lowest:
-            oldest_age = max(0.0, now - float(lowest[0][1]))
-        sets[name] = SetCounts(live=int(live), expired=int(expired), oldest_expired_age=oldest_age)
-    return sets
-
-
-class RegistryCounts:
-    """The latest counts, refreshed on demand with concurrent refreshes coalesced into one."""
-
-    def __init__(self, redis: Redis, health: RedisHealth, clock: Callable[[], float] = time.time) -> None:
-        self._redis = redis
-        self._health = health
-        self._clock = clock
-        self.snapshot: CountsSnapshot | None = None
-        self.fresh = False  # False when the last refresh failed: counts are then not exported
-        self._inflight: asyncio.Future[None] | None = None
-        self._queues: list[str] = []  # asynq's queues as of the last refresh
-        self._refused_logged = False
-
-    async def refresh(self) -> None:
-        if self._inflight is not None:
-            await asyncio.shield(self._inflight)
-            return
-        self._inflight = asyncio.ensure_future(self._refresh())
-        try:
-            await asyncio.shield(self._inflight)
-        finally:
-            self._inflight = None
-
-    async def _refresh(self) -> None:
-        try:
-            with self._health.op("read registration counts"):
-                now = self._clock()
-                snapshot = await read_counts(self._redis, now, self._queues)
-                if snapshot.tasks_refused and not self._refused_logged:
-                    self._refused_logged = True
-                    log.warning("cannot read asynq's queues (%s): the asynq_queue_* gauges are left "
-                                "out; docs/redis-topologies.md lists the keys to grant",
-                                snapshot.tasks_refused)
-                # A queue that appeared since the last refresh: its counts in a second round
-                # trip, this once; a queue that is gone is left out.
-                new = [q for q in snapshot.queue_names if q not in snapshot.queues]
-                if new:
-                    snapshot.queues.update(await tasks.read_counts(self._redis, new, now))
-                self._queues = snapshot.queue_names
-                self.snapshot = dataclasses.replace(
-                    snapshot, queues={q: snapshot.queues[q] for q in snapshot.queue_names})
-            self.fresh = True
-        except REDIS_FAILURES:
-            self.fresh = False
+log = logging.getLogger("exporter.registrations.details")
 
 
 class ScrapesFirst:
@@ -202,14 +90,9 @@ async def read_details(redis: Redis, now: float, on_undecodable: Callable[[str, 
     chunk is one MGET; on a Redis Cluster, where every server's key has a hash tag of its own
     (so an MGET of two would be CROSSSLOT), a pipeline of GETs that the client routes by slot.
 
-    Only one sidecar per fleet makes this read, but it makes it every interval, so its cost is
-    measured (bench/watcher.py, and the leader's scrape latency in bench/scrape.py). At
-    100,000 live servers, with hiredis, pages of 250 and one MGET per page: about 0.7 s of CPU
-    and a longest event-loop stall of about 1.5 ms. Pipelined GETs cost 3.2 s and stalled
-    3.6 ms (redis-py packs and parses each command of a pipeline on its own), and without
-    hiredis the read cost 3.7 s. Chunks of 50 cost 1.2 s for no shorter stall; pages of 500
-    stall longer (up to 9 ms once: a page's members are validated in one go). Smaller pages
-    cost Redis more (each walks its offset).
+    Only one sidecar per fleet makes this read, but it makes it every interval: pages of 250
+    and one MGET per chunk are the cheapest and shortest-stalling of the shapes measured
+    (bench/watcher.py; the figures, and the shapes that lost, are in docs/performance.md).
     """
     started = time.monotonic()
     details = ServerDetails()
@@ -339,7 +222,9 @@ class DetailsWatcher:
 
     def __init__(self, redis: Redis, health: RedisHealth, interval: float, *,
                  shared: bool = False, identity: str = "", scrapes_first: ScrapesFirst | None = None,
-                 clock: Callable[[], float] = time.time, task_reader: TaskReader | None = None) -> None:
+                 clock: Callable[[], float] = time.time, task_reader: TaskReader | None = None,
+                 on_full_read: Callable[[], None] = lambda: None) -> None:
+        """`on_full_read` is called after each full read this sidecar made itself."""
         self._redis = redis
         self._health = health
         self.interval = interval
@@ -353,8 +238,7 @@ class DetailsWatcher:
         # The bad values already counted (each read meets them again), oldest first; bounded.
         self._undecodable_seen: dict[tuple[str, bytes], None] = {}
         self.leader = False
-        self.full_reads = 0
-        self.updated = asyncio.Event()  # set after every read attempt (tests wait on it)
+        self._on_full_read = on_full_read
         self._take_lease = redis.register_script(_TAKE_LEASE)
         self._release_lease = redis.register_script(_RELEASE_LEASE)
 
@@ -385,8 +269,8 @@ class DetailsWatcher:
                 if self._tasks is not None:
                     details.orphaned = await self._tasks.read(self._clock(), self._turn)
                 details.at = self._clock()
-                self.full_reads += 1
                 self.latest = details
+                self._on_full_read()
                 if self.shared:
                     pipe = self._redis.pipeline(transaction=False)
                     pipe.hset(SHARED_DETAILS, mapping=details_to_hash(details, self.identity))  # type: ignore[arg-type]
@@ -394,8 +278,6 @@ class DetailsWatcher:
                     await pipe.execute()
         except REDIS_FAILURES:
             pass  # counted by health; the previous read stays, and its age grows
-        finally:
-            self.updated.set()
 
     async def release(self) -> None:
         """On a clean stop: hand the lease back at once, so another sidecar takes over the full

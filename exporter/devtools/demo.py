@@ -36,7 +36,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from exporter.asynq import model as asynq
-from exporter.cleanup.sweep import Sweeper, registrations_removed
+from exporter.cleanup.sweep import Sweeper
+from exporter.cleanup.sweep_report import registrations_removed
 from exporter.devtools.redis_server import RedisServer, RedisServerError
 from exporter.redisio.connect import connect
 from exporter.server.sidecar import Sidecar

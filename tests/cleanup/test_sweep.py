@@ -20,16 +20,14 @@ import redis as redis_sync
 import redis.asyncio as redis_async
 
 from exporter.asynq import model as asynq
-from exporter.cleanup.sweep import (
+from exporter.cleanup.sweep import Sweeper, _not_own, _own_key
+from exporter.cleanup.sweep_report import (
     LIST_AT_MOST,
     LOCK_KEY,
     Removed,
     SetSweep,
-    Sweeper,
     SweepFailed,
     SweepReport,
-    _not_own,
-    _own_key,
     json_document,
 )
 from exporter.devtools.redis_server import RedisServer, free_port

@@ -196,12 +196,31 @@ class Sidecar:
             tasks = list(pending)
 
     async def _start(self) -> None:
-        cfg = self.cfg
-        self.redis = connect(cfg.redis)
+        """Enter every component on the exit stack, in dependency order: Redis, the readers and
+        the event task, the cleanup, the lifecycle socket, HTTP."""
+        self.redis = connect(self.cfg.redis)
         self._stack.push_async_callback(self.redis.aclose)
-
         # Every time decision is taken on Redis's clock, shared by the whole fleet.
         self.redis_clock = RedisClock()
+        self._start_readers()
+        self._stack.push_async_callback(self._cancel_tasks)
+        self.spawn(self.watcher.run(), "details-watcher")
+        self.spawn(self._apply_events(), "lifecycle-events")
+        if isinstance(self.redis, SentinelMaster):  # leave a demoted master within a poll
+            self.spawn(self.redis.follow_master(self.cfg.poll_interval), "sentinel-master")
+        self._start_cleanup()
+        # The lifecycle socket: its connections are sources; metrics and edge logs are sinks.
+        self.lifecycle_metrics = LifecycleMetrics(self.registry, self.tracker, self.cfg.shutdown_budget)
+        self.sinks += [self.lifecycle_metrics, LifecycleLog(self.cfg.shutdown_budget)]
+        self.lifesocket = await self._stack.enter_async_context(LifecycleSocket(
+            self.cfg.socket, submit=self.submit, new_conn_id=self.new_conn_id, stats=self.lifecycle_metrics,
+            proven=self._proven))
+        await self._start_http()
+
+    def _start_readers(self) -> None:
+        """Registration counts (per scrape), the details watcher (one full read per fleet), the
+        stale-task reads, and the collectors that export them."""
+        cfg = self.cfg
         self.counts = RegistrationCounts(self.redis, self.health, clock=self.redis_clock.now)
         self.scrapes_first = ScrapesFirst()
         self.task_recovery = TaskRecovery(self.redis, self.health, cfg.cleanup.recover_tasks,
@@ -212,17 +231,15 @@ class Sidecar:
                                       clock=self.redis_clock.now, task_reader=self.task_recovery,
                                       on_full_read=self.hooks.details_read)
         self.registry.register(RegistrationCollector(self.counts, self.watcher, self.health,
-                                                 clock=self.redis_clock.now))
+                                                     clock=self.redis_clock.now))
         self.task_recovery.on_undecodable = self.watcher.count_undecodable
         self.registry.register(QueueTasksCollector(self.counts, self.watcher))
         self._stack.push_async_callback(self.watcher.release)
 
-        self._stack.push_async_callback(self._cancel_tasks)
-        self.spawn(self.watcher.run(), "details-watcher")
-        self.spawn(self._apply_events(), "lifecycle-events")
-        if isinstance(self.redis, SentinelMaster):  # leave a demoted master within a poll
-            self.spawn(self.redis.follow_master(cfg.poll_interval), "sentinel-master")
-
+    def _start_cleanup(self) -> None:
+        """The safety net: the decision sink with its observer and reaper, this host's orphans,
+        and the periodic fleet sweep when --sweep-interval asks for it."""
+        cfg = self.cfg
         self.cleanup = Cleanup(self.redis, self.health, cfg.cleanup, registry=self.registry,
                                submit=self.submit, spawn=self.spawn, poll_interval=cfg.poll_interval,
                                hostname=cfg.hostname, clock=self.redis_clock,
@@ -236,14 +253,10 @@ class Sidecar:
             removed = self.cleanup.metrics.removed.labels(reason="sweep")
             self.spawn(sweep_periodically(sweeper, cfg.cleanup.sweep_interval, removed.inc), "sweep")
 
-        # The lifecycle socket: its connections are sources; metrics and edge logs are sinks.
-        self.lifecycle_metrics = LifecycleMetrics(self.registry, self.tracker, cfg.shutdown_budget)
-        self.sinks += [self.lifecycle_metrics, LifecycleLog(cfg.shutdown_budget)]
-        self.lifesocket = await self._stack.enter_async_context(LifecycleSocket(
-            cfg.socket, submit=self.submit, new_conn_id=self.new_conn_id, stats=self.lifecycle_metrics,
-            proven=self._proven))
-
-        web_cfg = cfg.web  # --web-config-file: TLS and basic auth, or None
+    async def _start_http(self) -> None:
+        """/metrics, /healthz and /readyz, with --web-config-file's TLS and basic auth."""
+        cfg = self.cfg
+        web_cfg = cfg.web
         app = build_app(self.registry, before_scrape=self._before_scrape, redis_ready=self._redis_ready,
                         socket_listening=lambda: self.lifesocket.listening,
                         middlewares=self._middlewares(web_cfg))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import pytest
@@ -80,3 +81,14 @@ def make_config(redis_url, tmp_socket):
         return ServeConfig(**values)
 
     return make
+
+
+@pytest.fixture
+def keep_logging():
+    """A command's `main` sets up logging for the process; put the test process's logging back
+    afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import re
 import subprocess
 import sys
@@ -80,16 +79,6 @@ def mixed(live_only, rdb) -> float:
     rdb.lpush(sched, b"entry-1", b"entry-2")
     rdb.expire(sched, 20)
     return now
-
-
-@pytest.fixture
-def keep_logging():
-    """`run` sets up logging for a process; put the test process's logging back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def audit(url: str, *flags: str) -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import socket
 import time
 
@@ -230,16 +229,6 @@ async def test_the_details_leader_repairs_an_orphan_seen_twice_apart(rdb, ardb, 
 
 
 # ---------------------------------------------------------------- sweep --repair-tasks and audit
-
-
-@pytest.fixture
-def keep_logging():
-    """`run` sets up logging for a process; put the test process's logging back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.mark.parametrize("flags", [["--repair-tasks"], ["--repair-tasks", "--dry-run"], []])

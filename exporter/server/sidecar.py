@@ -83,7 +83,7 @@ class Sidecar:
         self._next_conn = 0
         self._changed = asyncio.Event()  # set whenever lifecycle state or a scrape moved
         self._last_change = 0.0  # time.monotonic() of the last applied lifecycle event
-        self._last_scrape: float | None = None  # time.monotonic() when the last scrape began
+        self._last_scrape: float | None = None  # time.monotonic() when the last scrape read memory
 
     def new_conn_id(self) -> int:
         """A fresh id for a lifecycle connection (socket or in-process launcher)."""
@@ -111,10 +111,12 @@ class Sidecar:
             self._changed.set()
 
     async def _before_scrape(self) -> None:
-        self._last_scrape = time.monotonic()
-        self._changed.set()
         with self.scrapes_first.scraping():  # the details read steps aside meanwhile
             await self.counts.refresh()
+        # The collectors read memory right after this, with no await in between: whatever was
+        # applied before this moment is in this scrape (an exit applied during the refresh too).
+        self._last_scrape = time.monotonic()
+        self._changed.set()
 
     def _settled(self) -> bool:
         """No live worker, no cleanup in progress, and (when anything scrapes this sidecar)

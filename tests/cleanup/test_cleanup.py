@@ -325,6 +325,30 @@ async def test_lingering_waits_for_a_final_scrape_when_something_scrapes(rdb, ma
         assert await sc.linger(0) is True  # settled: returns at once
 
 
+async def test_an_exit_applied_while_a_scrape_waits_for_redis_counts_as_scraped(rdb, make_config):
+    """A scrape that began before the exit but read memory after it has shown the exit: the
+    stopping sidecar does not wait for another scrape (Redis paused mid-scrape makes the
+    overlap certain)."""
+    from tests.support.helpers import scrape, value
+
+    watched = Watched()
+    async with Sidecar(make_config(cleanup=UNIQUE), hooks=watched.hooks) as sc:
+        conn, m = await start_worker(sc, rdb, 1, "s1")
+        rdb.zrem(asynq.SERVERS, m.key)  # it deregistered: the exit leaves nothing to clean up
+        rdb.zrem(asynq.WORKERS, m.sibling("workers").key)
+        rdb.delete(m.key, m.sibling("workers").key)
+        await scrape(sc.http_url)
+        rdb.execute_command("CLIENT", "PAUSE", "500", "ALL")
+        scraping = asyncio.create_task(scrape(sc.http_url))  # its refresh waits for Redis
+        await asyncio.sleep(0.1)
+        assert not scraping.done()
+        sc.submit(Exited(conn, code=0))
+        text = await scraping
+        assert value(text, "asynq_sidecar_worker_exits_total", outcome="graceful") == 1
+        await eventually(watched.cleanup_settled.is_set, what="the cleanup")
+        assert await sc.linger(3) is True
+
+
 async def test_lingering_ends_once_the_exit_was_scraped_even_if_the_connection_closes_later(rdb, make_config):
     """The final state was scraped after bye; the connection then closes, which changes no
     metric: the stopping sidecar does not wait for yet another scrape up to its timeout."""

@@ -19,7 +19,7 @@ import redis as redis_sync
 
 from exporter.asynq import model as asynq
 from exporter.devtools.redis_server import RedisServer, free_port
-from tests.support.helpers import eventually, samples
+from tests.support.helpers import clear_stale_faketime_files, eventually, samples
 from tests.support.lifecycle import HOST, ROOT
 
 EMULATE = (sys.executable, "-m", "exporter", "emulate")
@@ -62,6 +62,8 @@ class Serve:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> Serve:
+        if self.argv and Path(self.argv[0]).name == "faketime":
+            clear_stale_faketime_files()
         with open(self.log_path, "ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,

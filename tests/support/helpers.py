@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import aiohttp
@@ -89,6 +90,16 @@ def redis_now(client) -> float:
     return seconds + micros / 1e6
 
 
+def clear_stale_faketime_files() -> None:
+    """The faketime wrapper names a semaphore and a shared-memory file in /dev/shm after its own
+    pid and leaves them behind when it is SIGKILLed; a later wrapper that gets the same pid then
+    fails at once ("sem_open: File exists"). Remove those of pids that no longer run."""
+    for path in Path("/dev/shm").glob("*faketime_*"):
+        pid = path.name.rsplit("_", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            path.unlink(missing_ok=True)
+
+
 def faketime_prefix(offset: str, faketime: str) -> tuple[list[str], dict[str, str]]:
     """argv prefix and environment that run a command on a wall clock shifted by `offset`
     ("+75s"), as on a machine whose clock is off (its monotonic clock left alone). Checks that
@@ -96,6 +107,7 @@ def faketime_prefix(offset: str, faketime: str) -> tuple[list[str], dict[str, st
     import subprocess
     import sys
 
+    clear_stale_faketime_files()
     prefix = [faketime, "-f", offset]
     env = {"PATH": "/usr/bin:/bin", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
     proc = subprocess.run([*prefix, sys.executable, "-c", "import time; print(time.time())"],

@@ -7,7 +7,6 @@ Pure: the standard library and asynq's constants only, so that any layer may imp
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -38,18 +37,6 @@ def mask_url(url: str) -> str:
                  for name, value in parse_qsl(parts.query, keep_blank_values=True)]
         parts = parts._replace(query=urlencode(query, safe="*"))
     return urlunsplit(parts)
-
-
-def default_of(cls: type, name: str) -> Any:
-    """The default of field `name` of dataclass `cls`."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            if f.default is not dataclasses.MISSING:
-                return f.default
-            if f.default_factory is not dataclasses.MISSING:
-                return f.default_factory()
-            raise LookupError(f"{cls.__name__}.{name} has no default")
-    raise LookupError(f"{cls.__name__} has no field {name}")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,20 @@
-"""How the commands print what they found: text from Redis made safe, durations, times. Pure."""
+"""Text from Redis: replies as bytes or str whichever way the client decodes them, made safe to
+print; and the durations and times the commands print. Pure."""
 
 from __future__ import annotations
 
 import time
+
+
+def as_bytes(value: bytes | str) -> bytes:
+    """A Redis reply (a member, a key, a task id) as bytes, whether or not the client decodes
+    responses."""
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def as_text(value: bytes | str) -> str:
+    """A Redis reply as text; bytes that are not UTF-8 become backslash escapes."""
+    return value if isinstance(value, str) else value.decode("utf-8", "backslashreplace")
 
 
 def printable(text: str, limit: int = 80) -> str:

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from exporter.asynq import model as asynq
 from exporter.cleanup.rule import ABSENT, KEPT, REMOVE_IF_UNCHANGED, Verdict
 from exporter.redisio.clock import RedisClock
+from exporter.text import as_bytes
 
 #: Redis operations of the cleanup and the observer in flight at once (see RegistrationStore).
 STORE_CONCURRENCY = 16
@@ -105,8 +106,8 @@ class RegistrationStore:
             async with self._slots:
                 page: list[tuple[bytes, float]] = await self.redis.zrangebyscore(  # type: ignore[assignment]
                     asynq.SERVERS, low, high, start=start, num=RANGE_PAGE, withscores=True)
-            for raw, score in page:
-                raw = raw if isinstance(raw, bytes) else raw.encode()
+            for member, score in page:
+                raw = as_bytes(member)
                 if raw.startswith(prefix) and raw.endswith(b"}"):
                     _add_text(found, raw, score)
             if len(page) < RANGE_PAGE:

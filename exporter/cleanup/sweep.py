@@ -60,6 +60,7 @@ from exporter.redisio.connect import connect, redis_time
 from exporter.redisio.health import REDIS_FAILURES, RedisHealth
 from exporter.settings import RedisConfig, SweepConfig
 from exporter.tasks.repair import repair_tasks
+from exporter.text import as_bytes, as_text
 
 try:
     from hiredis import pack_command as _pack_command
@@ -125,15 +126,6 @@ class _LockLost(Exception):
 #: Test seam: awaited with (set name, members removed) after each batch's removal script and
 #: before its per-server keys are deleted.
 AfterBatch = Callable[[str, list[bytes]], Awaitable[None]]
-
-
-def _raw(value: bytes | str) -> bytes:
-    """A member as bytes, whether or not the client decodes responses."""
-    return value.encode() if isinstance(value, str) else value
-
-
-def _text(raw: bytes | str) -> str:
-    return raw if isinstance(raw, str) else raw.decode("utf-8", "backslashreplace")
 
 
 def _own_key(set_name: str, raw: bytes) -> bool:
@@ -229,7 +221,7 @@ class Sweeper:
                 holder = await self._redis.get(LOCK_KEY)
         if not got:
             report.lock_busy = True
-            report.lock_holder = _text(holder) if holder is not None else None
+            report.lock_holder = as_text(holder) if holder is not None else None
             return False
         self._token = token
         self._refreshed_at = self._monotonic()
@@ -265,7 +257,7 @@ class Sweeper:
             return
         room = len(members) if self.list_members else LIST_AT_MOST - len(result.members)
         for raw, score in zip(members[:room], scores[:room], strict=True):
-            result.members.append(Removed(_text(raw), float(score), undecodable=raw in not_own))
+            result.members.append(Removed(as_text(raw), float(score), undecodable=raw in not_own))
 
     async def _remove_batch(self, result: SetSweep, grace: str, with_scores: bool
                             ) -> tuple[list[bytes], Sequence[Any] | None]:
@@ -275,7 +267,7 @@ class Sweeper:
                                               args=[grace, self.batch, 1 if with_scores else 0])
         members = reply[0::2] if with_scores else reply
         if members and not isinstance(members[0], bytes):
-            members = [_raw(m) for m in members]
+            members = [as_bytes(m) for m in members]
         return members, reply[1::2] if with_scores else None
 
     async def _sweep_set(self, result: SetSweep, report: SweepReport) -> None:
@@ -339,7 +331,7 @@ class Sweeper:
                 for key in keys:  # (a Cluster pipeline's unlink() is a coroutine: the generic form)
                     pipe.execute_command("UNLINK", key)
                 replies = await pipe.execute()
-        existed = [_text(k) for k, n in zip(keys, replies, strict=True) if n]
+        existed = [as_text(k) for k, n in zip(keys, replies, strict=True) if n]
         result.keys_deleted += len(existed)
         result.deleted_keys.extend(existed)
 
@@ -378,7 +370,7 @@ class Sweeper:
             report.batches += 1
             members, scores = [], []
             for member, score in page:
-                raw = _raw(member)
+                raw = as_bytes(member)
                 if float(score) >= report.cutoff:
                     page = []  # sorted by score: nothing further is expired long enough
                     break
@@ -407,7 +399,7 @@ class Sweeper:
             pipe.exists(key)
         with self._health.op("sweep per-server keys"):
             replies = await pipe.execute()
-        existed = [_text(k) for k, n in zip(keys, replies, strict=True) if n]
+        existed = [as_text(k) for k, n in zip(keys, replies, strict=True) if n]
         result.keys_deleted += len(existed)
         result.deleted_keys.extend(existed)
 

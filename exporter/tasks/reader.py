@@ -33,6 +33,7 @@ from redis.asyncio import Redis
 from exporter.asynq import model as asynq
 from exporter.asynq import pbwire
 from exporter.redisio.connect import redis_time
+from exporter.text import as_bytes, as_text
 
 QUEUES = "asynq:queues"
 
@@ -55,13 +56,9 @@ def lease_key(queue: str) -> str:
     return f"asynq:{{{queue}}}:lease"
 
 
-def _text(raw: bytes | str) -> str:
-    return raw if isinstance(raw, str) else raw.decode("utf-8", "backslashreplace")
-
-
 def queue_names(raw: Any) -> list[str]:
     """The members of asynq:queues as text, sorted (labels in a stable order)."""
-    return sorted(_text(q) for q in raw or ())
+    return sorted(as_text(q) for q in raw or ())
 
 
 # ---------------------------------------------------------------- per scrape: O(1) per queue
@@ -145,10 +142,10 @@ async def workers_tasks(redis: Redis, workers_key: str) -> tuple[list[LeasedTask
         try:
             queue = worker_queue(value)
         except asynq.UndecodableError:
-            bad.append(task_id if isinstance(task_id, bytes) else task_id.encode())
+            bad.append(as_bytes(task_id))
             continue
         if queue:
-            by_queue.setdefault(queue, []).append(_text(task_id))
+            by_queue.setdefault(queue, []).append(as_text(task_id))
     if not by_queue:
         return [], bad
     pipe = redis.pipeline(transaction=False)
@@ -205,11 +202,7 @@ async def _unleased_and_active(redis: Redis, queue: str, ids: Sequence[bytes | s
         pipe.zscore(lease_key(queue), i)
     scores = await pipe.execute()
     present = set(await _list_all(redis, active_key(queue)))
-    return [s is None and _raw(i) in present for i, s in zip(ids, scores, strict=False)]
-
-
-def _raw(value: bytes | str) -> bytes:
-    return value if isinstance(value, bytes) else value.encode()
+    return [s is None and as_bytes(i) in present for i, s in zip(ids, scores, strict=False)]
 
 
 async def live_task_ids(redis: Redis, now: float,
@@ -229,7 +222,7 @@ async def live_task_ids(redis: Redis, now: float,
         for m in members:
             pipe.hkeys(m)  # type: ignore[arg-type]  # the member is the workers hash's own name
         for keys in await pipe.execute():
-            ids.update(k if isinstance(k, bytes) else k.encode() for k in keys)
+            ids.update(as_bytes(k) for k in keys)
         await turn()
         if len(members) < HASHES_PER_PIPELINE:
             return ids
@@ -258,18 +251,18 @@ async def read_stale(redis: Redis, now: float, *, keep: int = 0,
             pipe.zrangebyscore(lease_key(q), "-inf", f"({now!r}", start=0, num=keep, withscores=True)
             total, expired = await pipe.execute()
             qt.lease_expired_total = int(total)
-            qt.lease_expired = [(_text(i), float(s)) for i, s in expired]
+            qt.lease_expired = [(as_text(i), float(s)) for i, s in expired]
         if not active:
             continue
         leased = await _zset_all(redis, lease_key(q))
         missing = list(dict.fromkeys(i for i in active if i not in leased))
         await turn()
         if missing:
-            still = [_text(i) for i, ok in zip(missing, await _unleased_and_active(redis, q, missing), strict=False) if ok]
+            still = [as_text(i) for i, ok in zip(missing, await _unleased_and_active(redis, q, missing), strict=False) if ok]
             if still:
                 candidates[q] = still
     if candidates:
-        listed = {_text(i) for i in await live_task_ids(redis, now, turn)}
+        listed = {as_text(i) for i in await live_task_ids(redis, now, turn)}
         for q, ids in candidates.items():
             out[q].orphaned = [i for i in ids if i not in listed]
     return out
@@ -350,7 +343,7 @@ async def still_expirable(redis: Redis, tasks: Sequence[LeasedTask]) -> list[boo
         pipe.zscore(lease_key(t.queue), t.id)
     scores = await pipe.execute()
     present = {q: set(await _list_all(redis, active_key(q))) for q in sorted({t.queue for t in tasks})}
-    return [s is not None and float(s) == t.lease and float(s) > expired and _raw(t.id) in present[t.queue]
+    return [s is not None and float(s) == t.lease and float(s) > expired and as_bytes(t.id) in present[t.queue]
             for t, s in zip(tasks, scores, strict=False)]
 
 
